@@ -1,0 +1,82 @@
+"""Input validation helpers shared by every kernel.
+
+Kernels validate once, at entry, and raise ``ValueError`` naming the parameter
+and what was received. These helpers keep the messages uniform.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def as_array(
+    x,
+    name: str,
+    shape: Sequence[int | None] | None = None,
+    dtype=np.float64,
+    finite: bool = False,
+) -> np.ndarray:
+    """Coerce ``x`` to a C-ordered array and check its shape.
+
+    Parameters
+    ----------
+    x : array_like
+        The value received.
+    name : str
+        Parameter name used in the error message.
+    shape : sequence of int or None, optional
+        Expected shape; ``None`` entries match any length. ``None`` skips the check.
+    dtype : numpy dtype, optional
+        Target dtype (``None`` keeps the input dtype).
+    finite : bool
+        When true, NaN or infinite entries are rejected.
+
+    Returns
+    -------
+    numpy.ndarray
+        A C-contiguous array (a copy only when needed).
+
+    Raises
+    ------
+    ValueError
+        When the shape, dtype conversion or finiteness check fails.
+    """
+    try:
+        arr = np.asarray(x, dtype=dtype, order="C")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: cannot convert to an array of {dtype}: {exc}") from None
+    if shape is not None:
+        check_shape(arr, name, shape)
+    if finite and arr.size and not np.all(np.isfinite(arr)):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise ValueError(f"{name}: contains {bad} NaN or infinite value(s)")
+    return arr
+
+
+def check_shape(arr: np.ndarray, name: str, shape: Sequence[int | None]) -> None:
+    """Raise ``ValueError`` unless ``arr.shape`` matches ``shape`` (``None`` = any)."""
+    ok = arr.ndim == len(shape) and all(
+        want is None or have == want for have, want in zip(arr.shape, shape)
+    )
+    if not ok:
+        pretty = "(" + ", ".join("n" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name}: expected shape {pretty}, got {tuple(arr.shape)}")
+
+
+def check_positive(value: float, name: str) -> float:
+    """Raise ``ValueError`` unless ``value`` is a finite number > 0."""
+    v = float(value)
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+    return v
+
+
+def as_rng(rng) -> np.random.Generator:
+    """Return a ``numpy.random.Generator`` from a Generator, an int seed or None."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    raise ValueError(f"rng: expected a numpy Generator, an int seed or None, got {type(rng).__name__}")
