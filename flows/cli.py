@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_options(p, counts=False)
     p.set_defaults(func=cmd_scan)
 
+    from flows.build_cli import add_build_arguments, cmd_build
+
+    p = sub.add_parser("build", help="build raw captures into the store (Prefect flows on Dask)")
+    add_build_arguments(p)
+    p.set_defaults(func=cmd_build)
+
     p = sub.add_parser("config", help="print the effective configuration as YAML")
     p.add_argument("--config", type=Path, help="YAML/TOML/JSON file overriding the defaults")
     p.set_defaults(func=cmd_config)

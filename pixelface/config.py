@@ -20,9 +20,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from kernels.decode import DecodeParams
+from kernels.depth import DepthParams
+from kernels.gridmesh import GridMeshParams
+from kernels.landmarks import LandmarkParams
 from kernels.synth.face import FaceModelParams
 from kernels.synth.rig import RigParams
 from kernels.synth.scanner import FringeParams, PhotometryParams
+from kernels.texture import TextureParams
 
 
 class _Frozen(BaseModel):
@@ -47,10 +52,52 @@ class SynthConfig(_Frozen):
                                          description="Light, albedo response, noise, annotator noise.")
 
 
+class StageParams(_Frozen):
+    """Parameters of every stage (each stage's artifact key hashes only its own entry)."""
+
+    decode: DecodeParams = Field(default_factory=DecodeParams, description="Phase decoding and triangulation.")
+    depth: DepthParams = Field(default_factory=DepthParams, description="RGB-aligned depth image.")
+    texture: TextureParams = Field(default_factory=TextureParams, description="Per-point colour (occlusion test).")
+    mesh: GridMeshParams = Field(default_factory=GridMeshParams, description="Per-view grid mesh.")
+    landmarks: LandmarkParams = Field(default_factory=LandmarkParams, description="2D -> 3D landmark lifting.")
+
+
+class BuildConfig(_Frozen):
+    """A dataset build: where from, where to, on what cluster, with which stage parameters."""
+
+    raw: str = Field("work/raw", description="Raw capture root (docs/raw-format.md).")
+    store: str = Field("work/store", description="Store root: local path or fsspec URL (only local is tested).")
+    subjects: list[str] | None = Field(None, description="Subject ids to build (default: all in the raw root).")
+    dask_address: str | None = Field(None, description="tcp://HOST:PORT of an existing Dask scheduler; "
+                                                       "default: a LocalCluster sized to the machine.")
+    workers: int | None = Field(None, ge=1, le=1024, description="LocalCluster worker processes "
+                                                                 "(default: CPU count).")
+    threads_per_worker: int = Field(1, ge=1, le=64, description="Threads per LocalCluster worker.")
+    max_concurrent_subjects: int | None = Field(None, ge=1, le=4096,
+                                                description="Subject flow runs in flight (default 2 x workers).")
+    dask_local_directory: str = Field("work/dask", description="Dask scratch space of a LocalCluster.")
+    prefect_home: str = Field("work/prefect", description="PREFECT_HOME when the environment does not set it.")
+    stages: StageParams = Field(default_factory=StageParams)
+
+
+class BuildOptions(_Frozen):
+    """What one subject flow run needs (a reference-only parameter: well below Prefect's 512 kB cap)."""
+
+    raw: str
+    store: str
+    build_id: str = ""
+    stages: StageParams = Field(default_factory=StageParams)
+
+    @classmethod
+    def from_config(cls, cfg: BuildConfig, build_id: str = "") -> "BuildOptions":
+        return cls(raw=cfg.raw, store=cfg.store, build_id=build_id, stages=cfg.stages)
+
+
 class Config(_Frozen):
     """Root of the configuration tree."""
 
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    build: BuildConfig = Field(default_factory=BuildConfig)
 
 
 def _deep_merge(base: dict, override: dict) -> dict:

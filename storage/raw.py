@@ -478,6 +478,13 @@ class RawDataset:
                 vis[k] = True
         return pts, vis
 
+    def rgb(self, subject: str, sample: str, view: str, calibration: ViewCalibration | None = None) -> np.ndarray:
+        """Read and validate ``rgb.png`` of a view: (h, w, 3) uint8 of the calibration's RGB camera size."""
+        where = dict(subject=subject, sample=sample, view=view)
+        cal = calibration or self.calibration(subject, sample, view)
+        path = self._dir(subject, sample, view, "rgb.png", **where)
+        return self._image(path, (cal.rgb.height, cal.rgb.width), "RGB", **where)
+
     def read_view(self, subject: str, sample: str, view: str, meta: SampleMeta | None = None) -> RawView:
         """Read and validate every file of one view of a sample."""
         meta = meta or self.sample(subject, sample)

@@ -1,0 +1,98 @@
+"""The pipeline store: array artifacts (Zarr) + catalog tables (Parquet) under one root.
+
+Layout (``docs/architecture.md``)::
+
+    STORE/
+      store-format.json                                       {"format": "pixelface-store", "version": 1}
+      arrays/<subject>/<sample>/<view|_sample>/<stage>/<key>.zarr/
+          zarr.json, <array>/...                              Zarr v3 group, Blosc-zstd, ~2 MiB row chunks
+          pixelface.json                                      manifest, written last (the commit marker)
+      tables/{subjects,samples,stage_runs}/part-*.parquet     one part file per write
+      tables/<table>/compacted-*.parquet                      merged parts
+      .staging/<host>-<pid>-<uuid>/                           writes in progress (garbage after a crash)
+      _prefect/results/                                       Prefect's cached task records (JSON)
+
+This package is the only code that reads or writes the store; it imports no Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.artifacts import ArtifactStore, MemoryArtifactStore, ZarrArtifactStore
+from storage.catalog import Catalog, MemoryCatalog, ParquetCatalog
+
+STORE_FORMAT = "pixelface-store"
+STORE_VERSION = 1
+PREFECT_RESULTS_DIR = "_prefect/results"
+
+
+class StoreFormatError(ValueError):
+    """The folder is not a pixelface store of a supported version."""
+
+
+@dataclass(frozen=True)
+class Store:
+    """Artifacts and catalog of one store root (``url`` is ``None`` for the in-memory twin)."""
+
+    artifacts: ArtifactStore
+    catalog: Catalog
+    url: str | None
+
+    def clean_partial(self, max_age_s: float = 6 * 3600) -> list[str]:
+        """Remove leftovers of interrupted writes (artifacts and catalog parts)."""
+        out = list(self.artifacts.clean_partial(max_age_s))
+        if isinstance(self.catalog, ParquetCatalog):
+            out += self.catalog.clean_partial(max_age_s)
+        return out
+
+    @property
+    def prefect_results(self) -> str | None:
+        """Where Prefect keeps the cached task records of builds into this store."""
+        return None if self.url is None else f"{self.url}/{PREFECT_RESULTS_DIR}"
+
+
+def open_store(url: str | os.PathLike, *, create: bool = True, read_only: bool = False) -> Store:
+    """Open (and by default create) the store at a local path or fsspec URL.
+
+    Raises
+    ------
+    StoreFormatError
+        The folder holds something else, or a newer store version.
+    FileNotFoundError
+        ``create=False`` and there is no store.
+    """
+    import fsspec
+
+    s = os.fspath(url)
+    local = "://" not in s or s.startswith("file://")
+    if local:
+        s = str(Path(s.removeprefix("file://")).resolve())
+        fs, root = fsspec.filesystem("file"), s
+    else:
+        fs, root = fsspec.core.url_to_fs(s)
+    marker = f"{root}/store-format.json"
+    if fs.exists(marker):
+        with fs.open(marker, "r") as f:
+            meta = json.load(f)
+        if meta.get("format") != STORE_FORMAT or meta.get("version") != STORE_VERSION:
+            raise StoreFormatError(f"{marker}: holds {meta}, not {STORE_FORMAT} v{STORE_VERSION}")
+    elif not create or read_only:
+        raise FileNotFoundError(f"no pixelface store at {s} (missing store-format.json)")
+    else:
+        if fs.exists(root) and fs.ls(root) and not fs.exists(f"{root}/arrays"):
+            raise StoreFormatError(f"{s}: folder exists, is not empty and is not a pixelface store")
+        fs.makedirs(root, exist_ok=True)
+        tmp = f"{marker}.{os.getpid()}.tmp"
+        with fs.open(tmp, "w") as f:
+            json.dump({"format": STORE_FORMAT, "version": STORE_VERSION}, f)
+        fs.mv(tmp, marker)
+    return Store(ZarrArtifactStore(s, read_only=read_only), ParquetCatalog(s, read_only=read_only), s)
+
+
+def memory_store() -> Store:
+    """The in-memory twin (tests, dry runs)."""
+    return Store(MemoryArtifactStore(), MemoryCatalog(), None)

@@ -1,0 +1,236 @@
+"""Build flows on a small synthetic dataset: artifacts, catalog, caching, invalidation, failures.
+
+One session-scoped Prefect test harness and one in-process Dask cluster (2 workers,
+``processes=False``) serve every test; each test builds a fresh copy of the raw data into
+its own store.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage.store import open_store
+
+STAGES = ("decode", "depth", "texture", "mesh", "landmarks")
+DOWNSTREAM = {"decode": set(STAGES), "depth": {"depth", "texture", "landmarks"},
+              "texture": {"texture", "landmarks"}, "mesh": {"mesh"}, "landmarks": {"landmarks"}}
+IGNORED = {"row_id", "build_id", "recorded_at", "flow_run_id", "started_at", "finished_at", "duration_s",
+           "kernel_cpu_s", "outcome"}
+
+
+@pytest.fixture(scope="session")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as c:
+        yield c.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def raw_master(tmp_path_factory):
+    from flows.synthesize import synthesize
+    from pixelface.config import load_config
+
+    cfg = load_config(overrides={"synth": {"subjects": 2, "expressions": 2, "mesh_vertices": 20000,
+                                           "rig": {"width": 160, "height": 128}}})
+    root = tmp_path_factory.mktemp("raw") / "raw"
+    synthesize(cfg.synth, root, root.parent / "gt")
+    return root
+
+
+@pytest.fixture
+def raw(raw_master, tmp_path):
+    dst = tmp_path / "raw"
+    shutil.copytree(raw_master, dst)
+    return dst
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Count kernel calls (workers are threads of this process)."""
+    import tasks.decode
+    import tasks.view_stages
+
+    calls = Counter()
+
+    def counting(mod, name, stage):
+        fn = getattr(mod, name)
+
+        def wrapper(*a, **k):
+            calls[stage] += 1
+            return fn(*a, **k)
+
+        monkeypatch.setattr(mod, name, wrapper)
+
+    counting(tasks.decode, "decode_view", "decode")
+    counting(tasks.view_stages, "depth_image", "depth")
+    counting(tasks.view_stages, "texture_map", "texture")
+    counting(tasks.view_stages, "grid_mesh", "mesh")
+    counting(tasks.view_stages, "lift_landmarks", "landmarks")
+    return calls
+
+
+def config(raw, store, cluster, **kw):
+    from pixelface.config import BuildConfig
+
+    return BuildConfig(raw=str(raw), store=str(store), dask_address=cluster, **kw)
+
+
+def build(cfg):
+    from flows.build import build_dataset
+
+    return build_dataset(config=cfg)
+
+
+def outcomes(summary_store: str, build_id: str) -> dict[tuple, str]:
+    t = open_store(summary_store, create=False).catalog.read("stage_runs")
+    return {(r["subject_id"], r["sample_id"], r["view_id"], r["stage"]): r["outcome"]
+            for r in t.to_pylist() if r["build_id"] == build_id}
+
+
+def write_ids(store) -> dict:
+    st = open_store(store, create=False)
+    return {r: st.artifacts.manifest(r).write_id for r in st.artifacts.list()}
+
+
+def comparable(store) -> list[dict]:
+    t = open_store(store, create=False).catalog.latest("stage_runs")
+    return [{k: v for k, v in r.items() if k not in IGNORED} for r in t.to_pylist()]
+
+
+def test_build_then_identical_rebuild_is_all_cached(harness, cluster, raw, tmp_path, kernel_calls):
+    store = tmp_path / "store"
+    s1 = build(config(raw, store, cluster))
+    assert s1.failed == 0 and len(s1.subjects) == 2
+    n_views = 2 * 2 * 3
+    assert s1.totals()["computed"] == n_views * len(STAGES)
+    assert kernel_calls == {s: n_views for s in STAGES}
+    st = open_store(store, create=False)
+    # layout: arrays/<subject>/<sample>/<view>/<stage>/<key>.zarr with a manifest
+    refs = st.artifacts.list()
+    assert len(refs) == n_views * len(STAGES)
+    for r in refs:
+        assert (store / "arrays" / r.subject / r.sample / r.view / r.stage / f"{r.key}.zarr" / "pixelface.json").is_file()
+    dec = [r for r in refs if r.stage == "decode"][0]
+    got = st.artifacts.read(dec)
+    assert got["points"].shape == (128, 160, 3) and got["points"].dtype == np.float32
+    assert np.isfinite(got["points"]).any()
+    lm = st.artifacts.read([r for r in refs if r.stage == "landmarks"][0])
+    assert lm["points"].shape == (106, 3)
+    # catalog rows
+    cat = st.catalog
+    assert cat.read("subjects").num_rows == 2 and cat.read("samples").num_rows == 4
+    runs = cat.read("stage_runs").to_pylist()
+    assert len(runs) == n_views * len(STAGES)
+    assert {r["status"] for r in runs} == {"completed"} and {r["outcome"] for r in runs} == {"computed"}
+    for r in runs:
+        assert len(r["artifact_key"]) == 40 and r["param_hash"] and r["code_version"] == "1"
+        assert dict(r["input_keys"]).keys() >= {"raw"} and r["duration_s"] >= 0
+    assert all(dict(r["qc"]).get("valid_fraction", 0) > 0.05 for r in runs if r["stage"] == "decode")
+    assert all(n == 1 for n in (cat.n_parts("subjects"), cat.n_parts("samples"), cat.n_parts("stage_runs")))
+    before, rows_before = write_ids(store), comparable(store)
+
+    kernel_calls.clear()
+    s2 = build(config(raw, store, cluster))
+    assert s2.failed == 0 and s2.totals()["cached"] == n_views * len(STAGES)
+    assert not kernel_calls  # no kernel ran
+    assert set(outcomes(str(store), s2.build_id).values()) == {"cached"}
+    assert write_ids(store) == before  # nothing rewritten
+    assert comparable(store) == rows_before  # identical catalog apart from run ids / times / outcome
+    assert cat.read("stage_runs").num_rows == 2 * n_views * len(STAGES)  # history kept
+
+
+def test_parameter_change_and_deletion_recompute_only_downstream(harness, cluster, raw, tmp_path, kernel_calls):
+    from pixelface.config import StageParams
+    from kernels.texture import TextureParams
+
+    store = tmp_path / "store"
+    build(config(raw, store, cluster, subjects=["S0000"]))
+    n_views = 2 * 3
+
+    # one stage parameter: texture and its dependants only
+    kernel_calls.clear()
+    s = build(config(raw, store, cluster, subjects=["S0000"],
+                     stages=StageParams(texture=TextureParams(occlusion_tol_mm=1.5))))
+    got = outcomes(str(store), s.build_id)
+    for (_, _, _, stage), outcome in got.items():
+        assert outcome == ("computed" if stage in DOWNSTREAM["texture"] else "cached"), (stage, outcome)
+    assert kernel_calls == {"texture": n_views, "landmarks": n_views}
+
+    # delete one artifact: it and its dependants (of that view only) are rebuilt
+    st = open_store(store, create=False)
+    victim = [r for r in st.artifacts.list(sample="neutral", stage="depth") if r.view == "left"][0]
+    old_ids = write_ids(store)
+    assert st.artifacts.delete(victim)
+    kernel_calls.clear()
+    s = build(config(raw, store, cluster, subjects=["S0000"],
+                     stages=StageParams(texture=TextureParams(occlusion_tol_mm=1.5))))
+    got = outcomes(str(store), s.build_id)
+    for (subj, sample, view, stage), outcome in got.items():
+        hit = (sample, view) == ("neutral", "left") and stage in DOWNSTREAM["depth"]
+        assert outcome == ("computed" if hit else "cached"), (sample, view, stage, outcome)
+    assert kernel_calls == {"depth": 1, "texture": 1, "landmarks": 1}
+    assert st.artifacts.exists(victim) and write_ids(store)[victim] != old_ids[victim]
+
+
+def _corrupt(raw: Path):
+    png = raw / "S0000" / "neutral" / "left" / "fringe_f1_n2.png"
+    png.write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])
+    (raw / "S0000" / "mouth_open" / "middle" / "calibration.json").unlink()
+    lm = raw / "S0001" / "neutral" / "right" / "landmarks.csv"
+    lm.write_text("\n".join(lm.read_text().splitlines()[:-3]) + "\n")
+
+
+def test_corrupt_samples_fail_clearly_others_complete(harness, cluster, raw, tmp_path):
+    _corrupt(raw)
+    store = tmp_path / "store"
+    s = build(config(raw, store, cluster))
+    assert s.failed > 0
+    rows = open_store(store, create=False).catalog.read("stage_runs").to_pylist()
+    failed = {(r["subject_id"], r["sample_id"], r["view_id"]) for r in rows if r["status"] == "failed"}
+    assert failed == {("S0000", "neutral", "left"), ("S0000", "mouth_open", "middle"), ("S0001", "neutral", "right")}
+    errors = {(r["subject_id"], r["sample_id"], r["view_id"]): r["error"] for r in rows
+              if r["outcome"] == "failed"}
+    assert "fringe_f1_n2.png" in errors[("S0000", "neutral", "left")]
+    assert "not a readable image" in errors[("S0000", "neutral", "left")]
+    assert "calibration.json" in errors[("S0000", "mouth_open", "middle")] and "missing file" in \
+        errors[("S0000", "mouth_open", "middle")]
+    assert "expected 106 landmark rows" in errors[("S0001", "neutral", "right")]
+    assert all(r["stage"] == "decode" for r in rows if r["outcome"] == "failed")
+    assert {r["stage"] for r in rows if r["outcome"] == "upstream_failed"} == set(STAGES) - {"decode"}
+    ok = [r for r in rows if r["status"] == "completed"]
+    assert len(ok) == (12 - 3) * len(STAGES)
+    samples = {(r["subject_id"], r["sample_id"]): r["status"]
+               for r in open_store(store, create=False).catalog.read("samples").to_pylist()}
+    assert samples == {("S0000", "neutral"): "failed", ("S0000", "mouth_open"): "failed",
+                       ("S0001", "neutral"): "failed", ("S0001", "mouth_open"): "completed"}
+
+
+def test_cli_exit_code_says_partial_failure(harness, cluster, raw, tmp_path, capsys):
+    from flows.cli import main as cli_main
+
+    def main(a):
+        return cli_main(["build", *a])
+
+    (raw / "S0001" / "neutral" / "right" / "calibration.json").unlink()
+    store = tmp_path / "store"
+    args = ["--raw", str(raw), "--store", str(store), "--dask-address", cluster, "--quiet", "--json",
+            "--prefect-home", str(tmp_path / "prefect")]
+    assert main(args + ["--subjects", "S0000"]) == 0
+    assert main(args) == 1
+    assert main(["--raw", str(tmp_path / "nope"), "--store", str(store)]) == 2
+    out = capsys.readouterr()
+    assert '"failed_subjects": ["S0001"]' in out.out and "no such folder" in out.err

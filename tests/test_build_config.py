@@ -1,0 +1,42 @@
+"""Build configuration: typed flow parameters, prefect.yaml parameters validate, keys follow parameters."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from pixelface.config import BuildConfig, BuildOptions, StageParams
+from storage.keys import artifact_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_prefect_yaml_parameters_validate():
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deps = {d["name"]: d for d in doc["deployments"]}
+    nightly = deps["nightly"]
+    assert nightly["entrypoint"] == "flows/build.py:build_dataset"
+    assert nightly["schedules"][0]["cron"] == "0 2 * * *"
+    cfg = BuildConfig.model_validate(nightly["parameters"]["config"])
+    assert cfg.stages.decode.min_modulation == 12.0 and cfg.workers == 2
+
+
+def test_config_is_frozen_and_strict():
+    cfg = BuildConfig(raw="r", store="s")
+    with pytest.raises(ValidationError):
+        cfg.raw = "x"
+    with pytest.raises(ValidationError):
+        BuildConfig(raw="r", store="s", bogus=1)
+    with pytest.raises(ValidationError):
+        BuildConfig.model_validate({"stages": {"decode": {"min_modulation": -1}}})
+    opts = BuildOptions.from_config(cfg, "b1")
+    assert BuildOptions.model_validate_json(opts.model_dump_json()) == opts  # JSON round trip (flow parameter)
+    assert len(opts.model_dump_json()) < 512_000
+
+
+def test_only_the_stage_own_parameters_enter_its_key():
+    a, b = StageParams(), StageParams.model_validate({"texture": {"occlusion_tol_mm": 2.0}})
+    raw = {"raw": "0" * 40}
+    assert artifact_key("decode", "1", a.decode, raw) == artifact_key("decode", "1", b.decode, raw)
+    assert artifact_key("texture", "1", a.texture, raw) != artifact_key("texture", "1", b.texture, raw)

@@ -1,0 +1,125 @@
+"""End to end against real processes: `prefect server start`, `dask scheduler` and `dask worker`
+on 127.0.0.1 (started here, stopped by PID), a `pixelface build` run in a subprocess, and
+assertions through the Prefect REST API: one flow run per subject, each with its QC artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict):
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _wait(check, what: str, timeout: float = 120.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} did not come up in {timeout} s")
+
+
+@pytest.fixture
+def services(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    api_port, sched_port = _port(), _port()
+    api = f"http://127.0.0.1:{api_port}/api"
+    procs = []
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def start(name, args, extra_env=None):
+        out = open(logs / f"{name}.log", "w")
+        p = subprocess.Popen(args, cwd=tmp_path, env={**env, **(extra_env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    try:
+        start("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(api_port)])
+        start("scheduler", [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(sched_port),
+                            "--no-dashboard"])
+        address = f"tcp://127.0.0.1:{sched_port}"
+        _wait(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, "prefect server")
+        start("worker", [str(BIN / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1",
+                         "--no-dashboard", "--host", "127.0.0.1", "--local-directory", str(tmp_path / "dask")],
+              {"PREFECT_API_URL": api, "PYTHONPATH": str(ROOT)})
+        yield api, address, env
+    finally:
+        for p in reversed(procs):  # stop exactly what we started, by PID
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def test_build_against_real_server_and_cluster(services, tmp_path):
+    from flows.synthesize import synthesize
+    from pixelface.config import load_config
+
+    api, address, env = services
+    cfg = load_config(overrides={"synth": {"subjects": 2, "expressions": 1, "mesh_vertices": 20000,
+                                           "rig": {"width": 128, "height": 96}}})
+    raw = tmp_path / "raw"
+    synthesize(cfg.synth, raw, tmp_path / "gt")
+    store = tmp_path / "store"
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "build", "--raw", str(raw), "--store", str(store),
+                        "--dask-address", address, "--quiet", "--json"], cwd=ROOT,
+                       env={**env, "PREFECT_API_URL": api}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["failed"] == 0 and summary["computed"] == 2 * 3 * 5
+
+    runs = _post(f"{api}/flow_runs/filter", {"flows": {"name": {"any_": ["build-subject"]}}})
+    by_name = {}
+    for fr in runs:
+        by_name.setdefault(fr["name"], []).append(fr)
+    assert sorted(by_name) == ["S0000", "S0001"] and all(len(v) == 1 for v in by_name.values())
+    for name, (fr,) in by_name.items():
+        assert fr["state_type"] == "COMPLETED" and f"build-{summary['build_id']}" in fr["tags"]
+        arts = _post(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [fr["id"]]}}})
+        qc = [a for a in arts if a["type"] == "table" and a["key"].startswith(f"qc-{name.lower()}-")]
+        assert len(qc) == 1
+        table = json.loads(qc[0]["data"]) if isinstance(qc[0]["data"], str) else qc[0]["data"]
+        assert len(table) == 3 * 5 and {row["stage"] for row in table} == {"decode", "depth", "texture", "mesh",
+                                                                           "landmarks"}
+        tasks = _post(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [fr["id"]]}}})
+        names = {t["name"] for t in tasks}
+        assert f"decode-{name}-neutral-middle" in names
+    ds = _post(f"{api}/flow_runs/filter", {"flows": {"name": {"any_": ["build-dataset"]}}})
+    assert len(ds) == 1 and ds[0]["state_type"] == "COMPLETED"
+    arts = _post(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [ds[0]["id"]]}}})
+    assert {"build-progress", "build-summary"} <= {a["key"] for a in arts}
+    prog = [a for a in arts if a["key"] == "build-progress"][0]
+    assert float(prog["data"]) == 100.0
