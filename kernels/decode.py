@@ -7,7 +7,9 @@ passes are limited to the quadrature sums, the saturation test and the finest-le
 modulation; everything else runs on the contiguous band of rows that holds surviving
 pixels (contiguous 1-D slices; gathers, scatters and 2-D strided views are avoided
 because they cost more than the work they would save), the coarse levels on 2x2 bins.
-Every threshold lives in :class:`DecodeParams`; see ``docs/decoding.md`` for the
+With numba installed, the default rig's configuration (N = 4) runs the same algorithm
+as fused loops (:mod:`kernels._fast_decode`, ``engine="auto"``); the numpy code here is
+the reference the tests compare it with. Every threshold lives in :class:`DecodeParams`; see ``docs/decoding.md`` for the
 algorithm, the reason codes and why each default was chosen.
 """
 
@@ -22,6 +24,11 @@ from kernels.camera import Camera
 from kernels.phase import (MaskFlag, check_frequencies, check_stack, level_sums,
                            relative_modulation_threshold)
 from kernels.triangulate import _check_frame_range, ray_table
+
+try:  # the fused loops (optional: the numpy path below is the reference)
+    from kernels import _fast_decode as _fast
+except ImportError:  # pragma: no cover - numba not installed
+    _fast = None
 
 _TWO_PI32 = np.float32(2.0 * np.pi)
 
@@ -209,7 +216,8 @@ class DecodedView:
 
 
 def decode_view(stack, ir: Camera, projector: Camera, frequencies: Sequence[float], n_steps: int,
-                params: DecodeParams = DecodeParams(), *, frame: str = "world") -> DecodedView:
+                params: DecodeParams = DecodeParams(), *, frame: str = "world",
+                engine: str = "auto") -> DecodedView:
     """Decode one view's fringe stack into an organised point cloud.
 
     Paper section 3.1 ("Multi-View Scanning", N-step phase shifting). Steps
@@ -238,6 +246,11 @@ def decode_view(stack, ir: Camera, projector: Camera, frequencies: Sequence[floa
     params : DecodeParams
     frame : {"world", "ir"}
         Frame of the output points.
+    engine : {"auto", "numba", "numpy"}
+        ``"numba"``: the fused loops of :mod:`kernels._fast_decode` (N = 4, L >= 2,
+        ``coarse_bin = 2``, even image size; same flags and values as the numpy path
+        except for the polynomial ``atan2``, max error 3.1e-7 rad); ``"numpy"``: the
+        vectorised reference path; ``"auto"`` (default): numba when it applies.
 
     Returns
     -------
@@ -258,6 +271,14 @@ def decode_view(stack, ir: Camera, projector: Camera, frequencies: Sequence[floa
     tab = ray_table(ir, projector)
     st = check_stack(stack, "stack", n_levels=f.size, n_steps=int(n_steps), shape_hw=(ir.height, ir.width))
     L, N, H, W = st.shape
+    if engine not in ("auto", "numba", "numpy"):
+        raise ValueError(f"engine: expected 'auto', 'numba' or 'numpy', got {engine!r}")
+    fast_ok = _fast is not None and N == 4 and L >= 2 and params.coarse_bin == 2 and H % 2 == 0 and W % 2 == 0
+    if engine == "numba" and not fast_ok:
+        raise ValueError("engine: 'numba' needs numba, n_steps = 4, >= 2 frequencies, coarse_bin = 2 and an even "
+                         f"image size (got N={N}, L={L}, coarse_bin={params.coarse_bin}, {H}x{W})")
+    if engine != "numpy" and fast_ok:
+        return _decode_view_fast(st, tab, projector.width, f, params, frame)
     HW = H * W
     Wp = projector.width
     f32 = np.float32
@@ -523,3 +544,59 @@ def decode_view(stack, ir: Camera, projector: Camera, frequencies: Sequence[floa
     depth[band] = lam
     return DecodedView(points.reshape(H, W, 3), valid.reshape(H, W), conf.reshape(H, W), flags.reshape(H, W),
                        xp_img.reshape(H, W), depth.reshape(H, W), modulation.reshape(H, W), float(rel))
+
+
+def _decode_view_fast(st, tab, Wp: int, f: np.ndarray, params: DecodeParams, frame: str) -> DecodedView:
+    """:func:`decode_view` with the fused loops of :mod:`kernels._fast_decode` (N = 4, L >= 2,
+    2x2 coarse bins, even H and W; inputs validated by the caller)."""
+    L, N, H, W = st.shape
+    HW = H * W
+    f32 = np.float32
+    planes = st.reshape(L * N, HW)
+    image_max = planes.max(axis=0)  # saturation: any of the L*N images at 255 (vectorised)
+    modulation = np.empty(HW, f32)
+    _fast.finest_modulation(planes[-4], planes[-3], planes[-2], planes[-1], modulation)
+    rel = relative_modulation_threshold(modulation, params.modulation_percentile, params.relative_modulation,
+                                        params.percentile_stride)
+    flags = np.empty(HW, np.uint8)
+    r0, r1 = _fast.early_flags_rows(image_max, modulation, flags, H, W, f32(params.min_modulation), f32(rel))
+    if r1 > r0:  # even-aligned band (H is even)
+        r0 -= r0 % 2
+        r1 = min(r1 + (r1 - r0) % 2, H)
+    ratios = np.ones(L, f32)
+    ratios[1:] = (f[1:] / f[:-1]).astype(f32)
+    period = Wp / f[-1]
+    m = params.projector_margin_px
+    cx = tab.cx_p
+    zmin, zmax = (float(v) for v in params.depth_range)
+    rays = tab.ray_world if frame == "world" else tab.ray_ir
+    origin = (tab.origin_world if frame == "world" else np.zeros(3)).astype(f32)
+    points = np.empty((HW, 3), f32)
+    conf = np.empty(HW, f32)
+    xp = np.empty(HW, f32)
+    depth = np.empty(HW, f32)
+    _fast.fill_nan_outside(r0, r1, W, points, conf, xp, depth)
+    n = (r1 - r0) * W
+    if n > 0:
+        u = np.empty(n, f32)
+        stt = np.empty(n, np.uint8)
+        _fast.unwrap_band(planes, L, W, r0, r1, modulation, flags, ratios, f32(Wp / f[-1]), f32(0.5 + cx),
+                          f32(-0.5 + m - cx), f32(Wp - 0.5 - m - cx), f32(params.max_unwrap_residual),
+                          f32(params.min_bin_snr ** 2), f32(params.coarse_agreement), u, stt)
+        edge = np.zeros(n, np.uint8)
+        if (params.edge_jump > 0 or params.edge_step > 0) and n > 2 * W:
+            _fast.edges_band(u, stt, W, f32(params.edge_step * period if params.edge_step > 0 else np.inf),
+                             f32(params.edge_jump * period if params.edge_jump > 0 else np.inf), edge)
+        x = _fast.smooth_band(u, stt, W, f32(params.smooth_max_dev_px), bool(params.smooth_filter > 1),
+                              np.empty(n, f32), np.empty(n, f32))
+        band = slice(r0 * W, r1 * W)
+        rays = rays.reshape(3, HW)
+        _fast.triangulate_band(
+            x, stt, edge, modulation[band], flags[band], tab.a.reshape(HW)[band], tab.b.reshape(HW)[band],
+            tab.inv_norm.reshape(HW)[band], (rays[0][band], rays[1][band], rays[2][band]), origin, f32(tab.c0), f32(tab.c1), f32(tab.fx_p ** 2 + tab.s_p ** 2),
+            f32(params.min_sin_angle), f32(zmin), f32(zmax), bool(not tab.in_front_of_projector(zmin, zmax)),
+            f32(1.0 / (params.confidence_modulation * params.confidence_sin_angle)), f32(cx),
+            points[band], conf[band], xp[band], depth[band])
+    valid = flags == 0
+    return DecodedView(points.reshape(H, W, 3), valid.reshape(H, W), conf.reshape(H, W), flags.reshape(H, W),
+                       xp.reshape(H, W), depth.reshape(H, W), modulation.reshape(H, W), float(rel))

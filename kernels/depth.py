@@ -33,7 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels._checks import check_positive
-from kernels.texture import RGBProjection
+from kernels.texture import RGBProjection, _use_fast
+
+try:  # fused loops (optional; the numpy code below is the reference, bit-identical)
+    from kernels import _fast_products as _fast
+except ImportError:  # pragma: no cover - numba not installed
+    _fast = None
 
 _f32 = np.float32
 
@@ -64,7 +69,7 @@ class DepthParams:
 
 
 def depth_image(projection: RGBProjection, ir_depth, ir_focal_px: float,
-                params: DepthParams = DepthParams()) -> np.ndarray:
+                params: DepthParams = DepthParams(), *, engine: str = "auto") -> np.ndarray:
     """Render a view's depth image in its RGB camera.
 
     Parameters
@@ -76,6 +81,9 @@ def depth_image(projection: RGBProjection, ir_depth, ir_focal_px: float,
     ir_focal_px : float
         IR focal length ``fx`` (pixels).
     params : DepthParams
+    engine : {"auto", "numba", "numpy"}
+        The fused loops of :mod:`kernels._fast_products` (default when numba is
+        installed) or the vectorised numpy path; both give the same image.
 
     Returns
     -------
@@ -99,11 +107,18 @@ def depth_image(projection: RGBProjection, ir_depth, ir_focal_px: float,
     h, w = projection.rgb_size
     out = np.full(h * w, np.nan, np.float32)
     r0, r1 = projection.rows
+    fast = _use_fast(engine)
     if r1 - r0 >= 3 and W >= 3:
-        _splat(projection, zi_full, float(ir_focal_px), params, out)
+        if fast:
+            band = slice(r0 * W, r1 * W)
+            _fast.splat_band(projection.x.reshape(-1)[band], projection.y.reshape(-1)[band],
+                             projection.z.reshape(-1)[band], np.ascontiguousarray(zi_full).reshape(-1)[band], W, h, w,
+                             _f32(2.0 * params.max_step_px / float(ir_focal_px)), _f32(0.5 + params.cell_slack), out)
+        else:
+            _splat(projection, zi_full, float(ir_focal_px), params, out)
     D = out.reshape(h, w)
     if params.fill_holes:
-        D = _fill_pinholes(D, projection.focal_px, params.max_step_px)
+        D = _fill_pinholes(D, projection.focal_px, params.max_step_px, fast=fast)
     return D
 
 
@@ -175,7 +190,7 @@ def _splat(projection, zi_full, f_ir, params, out):
     np.fmin.at(out, lin, zc[idx])  # z-buffer; fmin ignores the NaN of empty pixels
 
 
-def _fill_pinholes(D, f_rgb, max_step_px, iterations=2):
+def _fill_pinholes(D, f_rgb, max_step_px, iterations=2, fast=False):
     """Fill NaN pixels lying between two known, continuous neighbours (linear interpolation).
 
     The four neighbour pairs through a pixel (left/right, up/down and the two diagonals)
@@ -192,9 +207,17 @@ def _fill_pinholes(D, f_rgb, max_step_px, iterations=2):
     r0, r1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, h)
     if r1 - r0 < 3:
         return D
+    k = 2.0 * max_step_px / f_rgb
+    if fast:
+        src = D.reshape(-1)
+        for _ in range(int(iterations)):
+            dst = src.copy()
+            if _fast.fill_pinholes_pass(src, dst, h, w, r0, r1, k) == 0:
+                break
+            src = dst
+        return src.reshape(h, w)  # D itself when nothing was filled (a fresh array of depth_image)
     Dn = D.copy()
     flat = Dn.reshape(-1)
-    k = 2.0 * max_step_px / f_rgb
     offs = ((-1, 1), (-w, w), (-w - 1, w + 1), (-w + 1, w - 1))
     base = r0 * w
     nb = (r1 - r0) * w

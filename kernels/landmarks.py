@@ -31,7 +31,12 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from kernels._checks import check_positive
-from kernels.texture import RGBProjection
+from kernels.texture import RGBProjection, _use_fast
+
+try:  # fused loops (optional; the numpy code below is the reference, same result)
+    from kernels import _fast_products as _fast
+except ImportError:  # pragma: no cover - numba not installed
+    _fast = None
 
 N_LANDMARKS = 106
 
@@ -121,7 +126,7 @@ def check_landmarks(landmarks_px, name: str = "landmarks_px") -> np.ndarray:
 
 def lift_landmarks(landmarks_px, projection: RGBProjection, points, ir_depth, ir_focal_px: float, *,
                    visible=None, landmark_visible=None,
-                   params: LandmarkParams = LandmarkParams()) -> LiftedLandmarks:
+                   params: LandmarkParams = LandmarkParams(), engine: str = "auto") -> LiftedLandmarks:
     """Retrieve the 3D point of a view under each annotated 2D landmark.
 
     Parameters
@@ -142,6 +147,9 @@ def lift_landmarks(landmarks_px, projection: RGBProjection, points, ir_depth, ir
     landmark_visible : (106,) bool, optional
         The annotation's visibility flags; ``False`` rows are ``NOT_ANNOTATED``.
     params : LandmarkParams
+    engine : {"auto", "numba", "numpy"}
+        Candidate search with the fused loop of :mod:`kernels._fast_products` (default
+        when numba is installed) or numpy; same result.
 
     Returns
     -------
@@ -193,7 +201,7 @@ def lift_landmarks(landmarks_px, projection: RGBProjection, points, ir_depth, ir
     pos = np.full((N_LANDMARKS, 2), np.nan, np.float32)
     refined = np.zeros(N_LANDMARKS, bool)
     if todo.size:
-        cand = _candidates(projection, vis, L[todo], params.radius_px)
+        cand = _candidates(projection, vis, L[todo], params.radius_px, fast=_use_fast(engine))
         if cand.size:
             qx = projection.x.reshape(-1)[cand]
             qy = projection.y.reshape(-1)[cand]
@@ -220,7 +228,8 @@ def lift_landmarks(landmarks_px, projection: RGBProjection, points, ir_depth, ir
     return LiftedLandmarks(out_pts, status, dist, pos, refined)
 
 
-def _candidates(projection: RGBProjection, vis: np.ndarray, L: np.ndarray, radius: float) -> np.ndarray:
+def _candidates(projection: RGBProjection, vis: np.ndarray, L: np.ndarray, radius: float,
+                fast: bool = False) -> np.ndarray:
     """Flat IR indices of visible points projecting within ``radius`` (box) of some landmark."""
     H, W = projection.x.shape
     h, w = projection.rgb_size
@@ -230,6 +239,11 @@ def _candidates(projection: RGBProjection, vis: np.ndarray, L: np.ndarray, radiu
         M[max(y - r, 0): min(y + r + 1, h), max(x - r, 0): min(x + r + 1, w)] = True
     r0, r1 = projection.rows
     band = slice(r0 * W, r1 * W)
+    if fast:
+        out = np.empty((r1 - r0) * W, np.intp)
+        k = _fast.landmark_candidates(projection.x.reshape(-1)[band], projection.y.reshape(-1)[band],
+                                      np.ascontiguousarray(vis).reshape(-1)[band], M.reshape(-1), h, w, r0 * W, out)
+        return out[:k]
     idx = np.flatnonzero(vis.reshape(-1)[band])
     idx += r0 * W
     x = projection.x.reshape(-1)[idx]

@@ -31,6 +31,19 @@ import numpy as np
 from kernels.camera import Camera, pixel_grid, pixels_to_normalized
 from kernels.triangulate import _camera_key, check_camera
 
+try:  # fused loops (optional; the numpy code below is the reference, bit-identical)
+    from kernels import _fast_products as _fast
+except ImportError:  # pragma: no cover - numba not installed
+    _fast = None
+
+
+def _use_fast(engine: str) -> bool:
+    if engine not in ("auto", "numba", "numpy"):
+        raise ValueError(f"engine: expected 'auto', 'numba' or 'numpy', got {engine!r}")
+    if engine == "numba" and _fast is None:
+        raise ValueError("engine: 'numba' requested but numba is not installed")
+    return engine != "numpy" and _fast is not None
+
 _f32 = np.float32
 _CACHE_SIZE = 8
 _cache: "OrderedDict[bytes, tuple]" = OrderedDict()
@@ -93,7 +106,7 @@ def _row_band(valid2d: np.ndarray) -> tuple[int, int]:
     return (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
 
 
-def project_to_rgb(depth, ir: Camera, rgb: Camera) -> RGBProjection:
+def project_to_rgb(depth, ir: Camera, rgb: Camera, *, engine: str = "auto") -> RGBProjection:
     """Project every point of an organised view into the RGB camera (with distortion).
 
     The point of IR pixel ``p`` is ``C_ir + z_p R_ir^T (x_n, y_n, 1)`` (``z_p`` its IR
@@ -109,6 +122,9 @@ def project_to_rgb(depth, ir: Camera, rgb: Camera) -> RGBProjection:
         The IR camera the view was decoded with.
     rgb : Camera
         The group's RGB camera (same calibration / world frame).
+    engine : {"auto", "numba", "numpy"}
+        The fused loops of :mod:`kernels._fast_products` (default when numba is
+        installed) or the vectorised numpy path; both give the same result.
 
     Returns
     -------
@@ -130,6 +146,27 @@ def project_to_rgb(depth, ir: Camera, rgb: Camera) -> RGBProjection:
     r0, r1 = _row_band(valid)
     band = slice(r0 * W, r1 * W)
     lam = z_ir.reshape(-1)[band]
+    if _use_fast(engine):
+        K, dist = rgb.K, np.asarray(rgb.dist, np.float64)
+        k1, k2, p1, p2, k3 = (float(v) for v in dist)
+        f = np.float32
+        o32 = o.astype(f)
+        lam = np.ascontiguousarray(lam)
+        out = []
+        for _ in range(3):
+            full = np.empty(H * W, f)
+            full[: r0 * W] = np.nan
+            full[r1 * W:] = np.nan
+            out.append(full)
+        ms = (m[0][band], m[1][band], m[2][band])
+        args = (f(o32[0]), f(o32[1]), f(o32[2]), bool(np.any(dist != 0)), f(k1), f(k2), f(k3), f(p1), f(p2),
+                f(2 * p1), f(2 * p2), bool(k3), bool(p1 or p2), f(K[0, 0]), f(K[0, 1]), f(K[0, 2]), f(K[1, 1]),
+                f(K[1, 2]))
+        _fast.project_xy(*ms, lam, *args, False, out[0][band])
+        _fast.project_xy(*ms, lam, *args, True, out[1][band])
+        _fast.project_z(ms[2], lam, o32[2], out[2][band])
+        return RGBProjection(out[0].reshape(H, W), out[1].reshape(H, W), out[2].reshape(H, W), (r0, r1),
+                             (rgb.height, rgb.width), float(K[0, 0]))
     # camera coordinates in the RGB frame
     X = m[0][band] * lam
     X += _f32(o[0])
@@ -303,7 +340,7 @@ class Texture:
 
 
 def visibility(projection: RGBProjection, rgb_depth, occlusion_tol_mm: float = 1.0,
-               occlusion_tol_px: float = 2.0) -> np.ndarray:
+               occlusion_tol_px: float = 2.0, *, engine: str = "auto") -> np.ndarray:
     """Which points are seen by the RGB camera (inside the image and not occluded).
 
     Parameters
@@ -313,6 +350,9 @@ def visibility(projection: RGBProjection, rgb_depth, occlusion_tol_mm: float = 1
         The view's depth image in the RGB camera (:func:`kernels.depth.depth_image`).
     occlusion_tol_mm, occlusion_tol_px : float
         Tolerance ``tol_mm + tol_px * z / f_rgb`` (see the module docstring).
+    engine : {"auto", "numba", "numpy"}
+        The fused loop of :mod:`kernels._fast_products` (default when numba is
+        installed) or the vectorised numpy path; both give the same result.
 
     Returns
     -------
@@ -327,6 +367,12 @@ def visibility(projection: RGBProjection, rgb_depth, occlusion_tol_mm: float = 1
     H, W = projection.x.shape
     r0, r1 = projection.rows
     band = slice(r0 * W, r1 * W)
+    if _use_fast(engine):
+        out = np.zeros(H * W, bool)
+        _fast.visibility_band(projection.x.reshape(-1)[band], projection.y.reshape(-1)[band],
+                              projection.z.reshape(-1)[band], np.ascontiguousarray(D).reshape(-1), h, w,
+                              _f32(occlusion_tol_px / projection.focal_px), _f32(occlusion_tol_mm), out[band])
+        return out.reshape(H, W)
     # the points of the view only (compressed): ~half of the band's pixels
     idx = np.flatnonzero(np.isfinite(projection.z.reshape(-1)[band]))
     idx += r0 * W
@@ -377,7 +423,7 @@ class TextureParams:
 
 
 def texture_map(projection: RGBProjection, rgb_image, rgb_depth, *, occlusion_tol_mm: float = 1.0,
-                occlusion_tol_px: float = 2.0, visible=None) -> Texture:
+                occlusion_tol_px: float = 2.0, visible=None, engine: str = "auto") -> Texture:
     """Colour every point of a view from its RGB image (bilinear), NaN when unseen.
 
     Paper section 3.1 (texture mapping [46]).
@@ -394,6 +440,8 @@ def texture_map(projection: RGBProjection, rgb_image, rgb_depth, *, occlusion_to
         Occlusion tolerance (module docstring); defaults 1 mm + 2 footprints.
     visible : (H, W) bool, optional
         The result of :func:`visibility` with the same tolerances, when already computed.
+    engine : {"auto", "numba", "numpy"}
+        As in :func:`visibility` (same result either way).
 
     Returns
     -------
@@ -412,13 +460,21 @@ def texture_map(projection: RGBProjection, rgb_image, rgb_depth, *, occlusion_to
         raise ValueError(f"rgb_image: expected shape ({h}, {w}, 3) (the RGB camera), got {img.shape}")
     H, W = projection.x.shape
     if visible is None:
-        vis = visibility(projection, rgb_depth, occlusion_tol_mm, occlusion_tol_px)
+        vis = visibility(projection, rgb_depth, occlusion_tol_mm, occlusion_tol_px, engine=engine)
     else:
         vis = np.asarray(visible)
         if vis.shape != (H, W) or vis.dtype != np.bool_:
             raise ValueError(f"visible: expected a ({H}, {W}) bool array, got {vis.dtype} {vis.shape}")
     r0, r1 = projection.rows
     band = slice(r0 * W, r1 * W)
+    if _use_fast(engine):
+        colors = np.empty((H * W, 3), np.float32)
+        colors[: r0 * W] = np.nan
+        colors[r1 * W:] = np.nan
+        _fast.texture_band(projection.x.reshape(-1)[band], projection.y.reshape(-1)[band],
+                           np.ascontiguousarray(vis).reshape(-1)[band], np.ascontiguousarray(img).reshape(-1), h, w,
+                           colors[band])
+        return Texture(colors.reshape(H, W, 3), vis)
     idx = np.flatnonzero(vis.reshape(-1)[band])
     idx += r0 * W
     chans = _sample_inside(img, projection.x.reshape(-1)[idx], projection.y.reshape(-1)[idx])

@@ -199,3 +199,31 @@ def test_depth_and_texture_bad_input(plane_view):
         texture_map(pr, np.zeros((H, W), np.uint8), D)
     with pytest.raises(ValueError, match="rgb_depth"):
         texture_map(pr, np.zeros((H, W, 3), np.uint8), D[:5])
+
+
+# -- fused (numba) paths against the numpy reference paths: bit-identical ------------------------
+
+def test_numba_products_match_numpy():
+    pytest.importorskip("numba")
+    from kernels.decode import decode_view
+    from tests._fringe import Photometry
+
+    g = make_group(W, H, distortion=True)
+    r = render(g, Sphere(), (1, 8, 64), 4, photometry=Photometry(sigma_read=2.0), rng=21)
+    dv = decode_view(r.stack, g.ir, g.projector, (1, 8, 64), 4)
+    fx = float(g.ir.K[0, 0])
+    res = {}
+    for eng in ("numpy", "numba"):
+        pr = project_to_rgb(dv.depth, g.ir, g.rgb, engine=eng)
+        D = depth_image(pr, dv.depth, fx, engine=eng)
+        vis = visibility(pr, D, engine=eng)
+        rng = np.random.default_rng(0)
+        img = rng.integers(0, 256, (g.rgb.height, g.rgb.width, 3), dtype=np.uint8)
+        tex = texture_map(pr, img, D, visible=vis, engine=eng)
+        lm_px = np.full((N_LANDMARKS, 2), np.nan)
+        lm_px[:40] = np.stack([pr.x[np.isfinite(pr.x)][::97][:40], pr.y[np.isfinite(pr.x)][::97][:40]], 1) + 0.3
+        ll = lift_landmarks(lm_px, pr, dv.points, dv.depth, fx, visible=vis, engine=eng)
+        res[eng] = (pr.x, pr.y, pr.z, D, vis, tex.colors, ll.points, ll.status)
+    assert np.isfinite(res["numpy"][3]).sum() > 1000 and (res["numpy"][7] == 0).sum() > 30
+    for a, b in zip(res["numpy"], res["numba"]):
+        assert np.array_equal(a, b, equal_nan=True)
