@@ -1,10 +1,11 @@
 """Build flows: one flow run per subject on a shared Dask cluster; a dataset flow that drives them.
 
 * :func:`build_subject` (flow ``build-subject``, run named after the subject) plans the
-  subject from its raw metadata, fans its views and samples out as stage tasks on a
-  ``DaskTaskRunner``, waits, records one ``stage_runs`` row per stage per view in the
-  catalog, and publishes a QC table artifact. A failed stage fails only its view's
-  dependants; every other sample completes.
+  subject from its raw metadata, submits **one task per sample** (a chain unit running every
+  stage of its views in process, :mod:`tasks.stage`) on a ``DaskTaskRunner``, waits, records
+  one ``stage_runs`` row per stage per view in the catalog, and publishes a QC table artifact.
+  A failed stage fails only its view's dependants; every other sample completes, and the
+  subject's flow run ends ``Failed``.
 * :func:`build_dataset` (flow ``build-dataset``) lists the subjects, starts a
   ``LocalCluster`` sized to the machine (or connects to ``dask_address``), and runs
   ``build_subject`` for many subjects concurrently, each as its **own top-level flow run**
@@ -36,24 +37,42 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.artifacts import update_progress_artifact
 from prefect.context import FlowRunContext, TaskRunContext, get_run_context
 from prefect.futures import wait as wait_futures
+from prefect.states import Failed
 from prefect_dask import DaskTaskRunner
+from prefect_dask.task_runners import PrefectDaskFuture
 from pydantic import BaseModel, ConfigDict
 
 from pixelface.config import BuildConfig, BuildOptions
 from tasks.catalog import (RunRow, SubjectPlan, compact_catalog, list_subjects, plan_subject, prepare_store,
                            record_subject)
-from tasks.decode import decode_task
-from tasks.view_stages import depth_task, landmarks_task, mesh_task, texture_task
-from tasks.stage import StageRecord, Target, with_store_results
+from tasks.stage import Chain, Target, UnitRecord, chain_task, expand, with_store_results
+from tasks.view_stages import SAMPLE_CHAIN, VIEW_CHAIN
 
-VIEW_STAGES: tuple[tuple[str, object, tuple[str, ...]], ...] = (
-    ("decode", decode_task, ()),
-    ("depth", depth_task, ("decode",)),
-    ("texture", texture_task, ("decode", "depth")),
-    ("mesh", mesh_task, ("decode",)),
-    ("landmarks", landmarks_task, ("decode", "texture")),
-)
-"""Per-view stages in dependency order: (name = StageParams field, task, upstream stage names)."""
+UNIT: str = "sample"
+"""Granularity of the Prefect work: ``"sample"`` (one task per sample running every stage of its
+views; measured best, ``docs/orchestration.md``) or ``"view"`` (one task per view)."""
+
+class DaskRunner(DaskTaskRunner):
+    """``DaskTaskRunner`` that submits with ``pure=False``.
+
+    prefect-dask 0.3 submits with Dask's default ``pure=True``, so Dask tokenises (pickles and
+    hashes) every call's arguments, task object included, only to derive a key that is unique
+    anyway (each call carries a fresh task run id): ~45 ms of driver CPU per task. Same body as
+    ``DaskTaskRunner.submit`` otherwise.
+    """
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
+        if not self._started:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        parameters = self._optimize_futures(parameters)
+        wait_for = self._optimize_futures(wait_for) if wait_for else None
+        future = self.client.submit(task, parameters=parameters, wait_for=wait_for, dependencies=dependencies,
+                                    return_type="state", pure=False)
+        return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
+
+
+CHAINS: dict[str, Chain] = {"sample": SAMPLE_CHAIN, "view": VIEW_CHAIN}
+UNIT_TASKS = {name: chain_task(c) for name, c in CHAINS.items()}
 
 _on_subject: contextvars.ContextVar[Callable[["SubjectSummary"], None] | None] = \
     contextvars.ContextVar("pixelface_on_subject", default=None)
@@ -74,6 +93,10 @@ class SubjectSummary(BaseModel):
     failed: int = 0
     errors: list[str] = []
     kernel_cpu_s: float = 0.0
+    load_cpu_s: float = 0.0
+    write_cpu_s: float = 0.0
+    unit_cpu_s: float = 0.0
+    units: int = 0
     seconds: float = 0.0
 
     @property
@@ -97,7 +120,8 @@ class DatasetSummary(BaseModel):
     def totals(self) -> dict[str, float]:
         keys = ("stages", "computed", "reused", "cached", "failed")
         out = {k: sum(getattr(s, k) for s in self.subjects) for k in keys}
-        out["kernel_cpu_s"] = sum(s.kernel_cpu_s for s in self.subjects)
+        for k in ("kernel_cpu_s", "load_cpu_s", "write_cpu_s", "unit_cpu_s", "units"):
+            out[k] = sum(getattr(s, k) for s in self.subjects)
         return out
 
 
@@ -109,67 +133,79 @@ def artifact_slug(text: str) -> str:
     return f"{base}-{hashlib.blake2b(text.encode(), digest_size=3).hexdigest()}"
 
 
-def _row(name: str, target: Target, state, upstream_failed: list[str]) -> RunRow:
-    view = target.view
-    if state.is_completed():
-        rec: StageRecord = state.result()
+def _rows(chain: Chain, target: Target, params, state) -> list[RunRow]:
+    """One ``stage_runs`` row per stage of a finished unit (``Cached``: every stage ``cached``)."""
+    rec = state.result(raise_on_failure=False)
+    if isinstance(rec, UnitRecord):
         cached = state.name == "Cached"
-        return RunRow(subject_id=rec.subject, sample_id=rec.sample, view_id=rec.view, stage=rec.stage,
-                      artifact_key=rec.key, input_keys=rec.input_keys, param_hash=rec.param_hash,
-                      code_version=rec.code_version, status="completed",
-                      outcome="cached" if cached else rec.outcome,
-                      started_at=state.timestamp if cached else rec.started_at,
-                      finished_at=state.timestamp if cached else rec.finished_at,
-                      duration_s=0.0 if cached else (rec.finished_at - rec.started_at).total_seconds(),
-                      kernel_cpu_s=0.0 if cached else rec.kernel_cpu_s, qc=rec.qc)
-    if upstream_failed:
-        return RunRow(subject_id=target.subject, sample_id=target.sample, view_id=view, stage=name,
-                      artifact_key=None, status="failed", outcome="upstream_failed",
-                      error=f"not run: upstream stage(s) {upstream_failed} failed",
-                      finished_at=datetime.now(timezone.utc))
-    exc = state.result(raise_on_failure=False)
+        out = []
+        for s in rec.stages:
+            ok = s.outcome in ("computed", "cached")
+            out.append(RunRow(
+                subject_id=s.subject, sample_id=s.sample, view_id=s.view, stage=s.stage, artifact_key=s.key,
+                input_keys=s.input_keys, param_hash=s.param_hash, code_version=s.code_version,
+                status="completed" if ok else "failed", outcome="cached" if cached and ok else s.outcome,
+                error=s.error, started_at=state.timestamp if cached else s.started_at,
+                finished_at=state.timestamp if cached else s.finished_at,
+                duration_s=0.0 if cached or s.started_at is None else (s.finished_at - s.started_at).total_seconds(),
+                kernel_cpu_s=0.0 if cached else s.kernel_cpu_s, qc=s.qc))
+        return out
+    # the unit itself failed (not a stage): every stage of it is failed with that message
+    msg = _message(rec, state)
+    now = state.timestamp or datetime.now(timezone.utc)
+    return [RunRow(subject_id=target.subject, sample_id=target.sample, view_id=n.view, stage=n.step.spec.name,
+                   artifact_key=None, status="failed", outcome="failed", error=msg, finished_at=now)
+            for n in expand(chain, target)]
+
+
+def _message(exc, state) -> str:
     msg = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else (state.message or state.name)
-    return RunRow(subject_id=target.subject, sample_id=target.sample, view_id=view, stage=name, artifact_key=None,
-                  status="failed", outcome="failed", error=" ".join(msg.split()),
-                  finished_at=state.timestamp or datetime.now(timezone.utc))
+    return " ".join(str(msg).split())
 
 
-@flow(name="build-subject", flow_run_name="{subject}", task_runner=DaskTaskRunner(), persist_result=False,
+def _unit_cpu(state) -> tuple[int, float, float, float]:
+    rec = state.result(raise_on_failure=False)
+    if not isinstance(rec, UnitRecord) or state.name == "Cached":
+        return 1, 0.0, 0.0, 0.0
+    return (1, rec.cpu_s, sum(s.load_cpu_s for s in rec.stages), sum(s.write_cpu_s for s in rec.stages))
+
+
+@flow(name="build-subject", flow_run_name="{subject}", task_runner=DaskRunner(), persist_result=False,
       validate_parameters=True)
-def build_subject(subject: str, options: BuildOptions) -> SubjectSummary:
-    """Build every stage of every view of one subject's samples (one flow run per subject)."""
+def build_subject(subject: str, options: BuildOptions, unit: str | None = None):
+    """Build every stage of every view of one subject's samples (one flow run per subject).
+
+    One Prefect task per sample (``unit="sample"``, the default :data:`UNIT`) or per view
+    (``unit="view"``); each runs its stages in process and reports one record per stage.
+    The flow run ends ``Failed`` (carrying the :class:`SubjectSummary`) when a sample failed.
+    """
     t0 = time.perf_counter()
     log = get_run_logger()
     flow_run_id = str(get_run_context().flow_run.id)
     build_id = options.build_id or flow_run_id
     if not options.build_id:  # run on its own, not from build_dataset
         prepare_store(options.store)
+    unit = unit or UNIT
+    chain = CHAINS[unit]
     plan: SubjectPlan = plan_subject(options.raw, subject)
-    stage_tasks = {name: with_store_results(t, options.store) for name, t, _ in VIEW_STAGES}
+    unit_task = with_store_results(UNIT_TASKS[unit], options.store)
     submitted = []
     for s in plan.samples:
         if s.error:
             log.error("sample %s/%s not built: %s", subject, s.sample, s.error)
             continue
-        for view in s.views:
-            target = Target(raw=options.raw, store=options.store, subject=subject, sample=s.sample, view=view,
-                            raw_key=s.raw_keys.get(view))
-            futs = {}
-            for name, _, deps in VIEW_STAGES:
-                inputs = {d: futs[d] for d in deps} or None
-                futs[name] = stage_tasks[name].submit(target, getattr(options.stages, name), inputs)
-                submitted.append((name, target, futs[name], deps))
-    wait_futures([f for _, _, f, _ in submitted])
-    rows, failed = [], set()
-    for name, target, fut, deps in submitted:
-        up = [d for d in deps if (target.sample, target.view, d) in failed]
-        row = _row(name, target, fut.state, up)
-        if row.status == "failed":
-            failed.add((target.sample, target.view, name))
-            log.error("FAILED %s %s: %s", name, target.where, row.error)
-        elif row.outcome == "cached":
-            log.info("cached %s %s key=%s", name, target.where, row.artifact_key[:12])
-        rows.append(row)
+        base = dict(raw=options.raw, store=options.store, subject=subject, sample=s.sample, views=s.views,
+                    raw_keys=s.raw_keys)
+        for target in ([Target(**base)] if unit == "sample" else [Target(**base, view=v) for v in s.views]):
+            submitted.append((target, unit_task.submit(target, options.stages)))
+    wait_futures([f for _, f in submitted])
+    rows, cpu = [], [0, 0.0, 0.0, 0.0]
+    for target, fut in submitted:
+        rows += _rows(chain, target, options.stages, fut.state)
+        cpu = [a + b for a, b in zip(cpu, _unit_cpu(fut.state))]
+    for r in rows:
+        if r.outcome == "failed":
+            log.error("FAILED %s %s/%s/%s: %s", r.stage, r.subject_id, r.sample_id, r.view_id or "_sample", r.error)
     record_subject(options.store, build_id, flow_run_id, plan, rows)
     count = {k: sum(r.outcome == k for r in rows) for k in ("computed", "reused", "cached")}
     n_failed = sum(r.status == "failed" for r in rows) + sum(s.error is not None for s in plan.samples)
@@ -185,9 +221,14 @@ def build_subject(subject: str, options: BuildOptions) -> SubjectSummary:
                              errors=[f"{r.sample_id}/{r.view_id or '_sample'}/{r.stage}: {r.error}" for r in rows
                                      if r.outcome == "failed"] + [f"{s.sample}: {s.error}" for s in plan.samples
                                                                   if s.error],
+                             units=cpu[0], unit_cpu_s=cpu[1], load_cpu_s=cpu[2], write_cpu_s=cpu[3],
                              seconds=time.perf_counter() - t0, **count)
-    log.info("subject %s: %d stages: %d computed, %d reused (store), %d cached, %d failed", subject,
-             summary.stages, summary.computed, summary.reused, summary.cached, summary.failed)
+    text = (f"subject {subject}: {summary.stages} stages in {summary.units} {unit} tasks: {summary.computed} "
+            f"computed, {summary.cached} cached, {summary.failed} failed")
+    if not summary.ok:
+        bad = sorted({r.sample_id for r in rows if r.status == "failed"} | {s.sample for s in plan.samples if s.error})
+        return Failed(message=f"{text}; failed samples: {bad}", data=summary)
+    log.info(text)
     return summary
 
 
@@ -217,12 +258,14 @@ def _top_level(fn, *args, **kwargs):
 
 def _run_subject(subject: str, options: BuildOptions, address: str, run_tags: list[str]) -> SubjectSummary:
     t0 = time.perf_counter()
-    runner = build_subject.with_options(task_runner=DaskTaskRunner(address=address))
+    runner = build_subject.with_options(task_runner=DaskRunner(address=address))
     with tags(*run_tags):
         state = runner(subject=subject, options=options, return_state=True)
     if state.is_completed():
         return state.result()
     exc = state.result(raise_on_failure=False)
+    if isinstance(exc, SubjectSummary):  # the flow ran and some samples failed
+        return exc
     msg = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(state.message)
     return SubjectSummary(subject=subject, errors=[" ".join(msg.split())], seconds=time.perf_counter() - t0)
 
@@ -278,17 +321,25 @@ def build_dataset(config: BuildConfig, build_id: str | None = None) -> DatasetSu
         lines += ["## Failures", ""] + [f"- **{s.subject}**: {e}" for s in bad for e in s.errors[:20]]
     create_markdown_artifact("\n".join(lines), key="build-summary", description=f"build {build_id}")
     log.info("build %s done in %.1f s: %s", build_id, summary.seconds, tot)
+    if bad:  # not green on the dashboard; the summary still travels with the state
+        return Failed(message=f"build {build_id}: {len(bad)} of {len(subjects)} subjects had failures: "
+                              f"{[s.subject for s in bad][:20]}", data=summary)
     return summary
 
 
 def run_build(config: BuildConfig, *, on_subject: Callable[[SubjectSummary], None] | None = None,
               api_url: str | None = None) -> DatasetSummary:
     """Command-line entry: one Prefect API for the build (``$PREFECT_API_URL`` or a temporary server),
-    then :func:`build_dataset`. Raises like the flow; sample failures are in the summary."""
+    then :func:`build_dataset`. Returns the summary whether or not some samples failed (the flow run
+    is then ``Failed``); raises when the build itself could not run."""
     from flows.prefect_env import prefect_api
     token = _on_subject.set(on_subject)
     try:
         with prefect_api(Path(config.prefect_home), api_url):
-            return build_dataset(config=config)
+            state = build_dataset(config=config, return_state=True)
+            result = state.result(raise_on_failure=False)
     finally:
         _on_subject.reset(token)
+    if isinstance(result, DatasetSummary):
+        return result
+    raise result if isinstance(result, BaseException) else RuntimeError(f"build failed: {state.message}")

@@ -74,7 +74,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                           "failed_subjects": [s.subject for s in bad]}))
     else:
         print(f"built {len(summary.subjects)} subjects into {summary.store} in {summary.seconds:.1f} s: "
-              f"{int(tot['computed'])} computed, {int(tot['reused'])} reused, {int(tot['cached'])} cached, "
+              f"{int(tot['computed'])} computed, {int(tot['cached'])} cached, "
               f"{int(tot['failed'])} failed")
         for s in bad:
             for e in s.errors[:10]:

@@ -317,7 +317,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ZarrArtifactStore(ArtifactStore):
-    """Artifacts as Zarr v3 groups (one array per name, Blosc-zstd, ~2 MiB row chunks).
+    """Artifacts as Zarr v3 groups (one array per name, Blosc-lz4 with shuffle, ~2 MiB row chunks).
 
     Parameters
     ----------
@@ -326,14 +326,17 @@ class ZarrArtifactStore(ArtifactStore):
         Local paths get staged writes and an atomic rename; other URLs get in-place
         writes with the manifest committed last (untested here).
     read_only : bool
-    clevel : int
-        zstd level (default 3: fast, and these arrays compress mostly through shuffle).
+    cname, clevel : str, int
+        Blosc compressor and level. Default lz4 5: these arrays compress mostly through the
+        shuffle filter; on a full-size view (79 MB of arrays) lz4 writes with 40 % less CPU than
+        zstd 3 (0.29 vs 0.47 s) for 9 % more bytes (23.4 vs 21.4 MB). Readers take any codec.
     """
 
-    def __init__(self, root: str | os.PathLike, *, read_only: bool = False, clevel: int = 3):
+    def __init__(self, root: str | os.PathLike, *, read_only: bool = False, cname: str = "lz4", clevel: int = 5):
         import fsspec
 
         self.read_only = read_only
+        self.cname = cname
         self.clevel = clevel
         self.local = _is_local(root)
         if self.local:
@@ -368,6 +371,11 @@ class ZarrArtifactStore(ArtifactStore):
             raise ArtifactError(f"{path}: manifest is for {m.ref}, not {ref}")
         return m
 
+    def exists(self, ref):
+        if self.local:  # a stat, not a read: the manifest is only ever renamed into place complete
+            return os.path.isfile(f"{self._final(ref)}/{MANIFEST_NAME}")
+        return self.manifest(ref) is not None
+
     # -- write
     def _write_group(self, path: str, arrays: dict[str, np.ndarray], m: Manifest) -> None:
         import zarr
@@ -379,7 +387,7 @@ class ZarrArtifactStore(ArtifactStore):
             shuffle = "bitshuffle" if a.dtype.itemsize == 1 else "shuffle"
             arr = group.create_array(name, shape=a.shape, dtype=a.dtype,
                                      chunks=chunk_shape(a.shape, a.dtype.itemsize),
-                                     compressors=BloscCodec(cname="zstd", clevel=self.clevel, shuffle=shuffle),
+                                     compressors=BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=shuffle),
                                      fill_value=0)
             if a.size:
                 arr[...] = a

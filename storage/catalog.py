@@ -91,9 +91,11 @@ NATURAL_KEYS: dict[str, tuple[str, ...]] = {
 
 STATUSES = ("completed", "failed")
 OUTCOMES = ("computed", "reused", "cached", "failed", "upstream_failed")
-"""``computed``: the kernel ran; ``reused``: the artifact existed, no kernel; ``cached``: a
-Prefect cache hit (the task did not run); ``failed``: the stage raised;
-``upstream_failed``: an input stage failed, so this one never ran."""
+"""``computed``: the kernel ran; ``cached``: not run, because its artifact (same key, written from
+the current writes of its inputs) is in the store: the unit's Prefect task was a cache hit, or the
+unit ran and found this stage fresh; ``failed``: the stage raised; ``upstream_failed``: an input
+stage failed, so this one never ran. ``reused`` is kept for rows of builds before chain units
+(one Prefect task per stage), which used it for the second case."""
 
 
 class CatalogError(ValueError):

@@ -5,7 +5,7 @@ Layout (``docs/architecture.md``)::
     STORE/
       store-format.json                                       {"format": "pixelface-store", "version": 1}
       arrays/<subject>/<sample>/<view|_sample>/<stage>/<key>.zarr/
-          zarr.json, <array>/...                              Zarr v3 group, Blosc-zstd, ~2 MiB row chunks
+          zarr.json, <array>/...                              Zarr v3 group, Blosc-lz4, ~2 MiB row chunks
           pixelface.json                                      manifest, written last (the commit marker)
       tables/{subjects,samples,stage_runs}/part-*.parquet     one part file per write
       tables/<table>/compacted-*.parquet                      merged parts

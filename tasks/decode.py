@@ -1,6 +1,6 @@
 """Stage ``decode`` (per view): raw fringe stack + calibration -> organised point cloud.
 
-Reads the view through the validating raw reader (a corrupt view fails here, at once,
+Reads the whole view through the validating raw reader (a corrupt view fails here, at once,
 with the reader's subject / sample / view / file message), calls
 :func:`kernels.decode.decode_view`, stores ``points`` (H, W, 3) float32 mm (world frame,
 NaN where invalid), ``depth`` (H, W) float32 IR-frame depth (mm), ``confidence`` (H, W)
@@ -9,21 +9,17 @@ float32, ``flags`` (H, W) uint8 and ``modulation`` (H, W) float32.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from kernels.decode import DecodeParams, decode_view
-from storage.raw import RawDataset
-from tasks.stage import StageSpec, stage_task
+from tasks.stage import Sources, StageSpec
 
 VERSION = "1"
 
 
-def _load(store, target, inputs, params: DecodeParams) -> dict:
-    ds = RawDataset(Path(target.raw))
-    meta = ds.sample(target.subject, target.sample)
-    v = ds.read_view(target.subject, target.sample, target.view, meta)
+def _load(src: Sources, params: DecodeParams) -> dict:
+    meta = src.raw.sample_meta()
+    v = src.raw.view(src.view)  # reads and validates every file of the view, once per unit
     return dict(stack=v.fringe, ir=v.calibration.ir, projector=v.calibration.projector,
                 frequencies=meta.fringe.frequencies, n_steps=meta.fringe.steps)
 
@@ -43,4 +39,3 @@ def _pack(d) -> tuple[dict, dict]:
 
 
 SPEC = StageSpec(name="decode", version=VERSION, level="view", raw=True, load=_load, kernel=_kernel, pack=_pack)
-decode_task = stage_task(SPEC)

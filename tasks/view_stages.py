@@ -17,32 +17,22 @@ Graph (per view; every stage also keys on the raw view, whose calibration it rea
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from kernels.depth import DepthParams, depth_image
 from kernels.gridmesh import GridMeshParams, grid_mesh
 from kernels.landmarks import LandmarkParams, LandmarkStatus, lift_landmarks
 from kernels.texture import project_to_rgb, texture_map
-from storage.raw import RawDataset
 from kernels.texture import TextureParams
-from tasks.stage import StageSpec, stage_task
-
-
-def _calibration(target):
-    return RawDataset(Path(target.raw)).calibration(target.subject, target.sample, target.view)
-
-
-def _decoded(store, inputs, names):
-    return store.artifacts.read(inputs["decode"].ref, names)
+from tasks.decode import SPEC as DECODE
+from tasks.stage import Chain, Sources, StageSpec, Step
 
 
 # -- depth ---------------------------------------------------------------------------------------
 
-def _depth_load(store, target, inputs, params):
-    cal = _calibration(target)
-    return dict(ir_depth=_decoded(store, inputs, ["depth"])["depth"], ir=cal.ir, rgb=cal.rgb)
+def _depth_load(src: Sources, params):
+    cal = src.raw.calibration(src.view)
+    return dict(ir_depth=src.arrays("decode", ["depth"])["depth"], ir=cal.ir, rgb=cal.rgb)
 
 
 def _depth_kernel(params: DepthParams, ir_depth, ir, rgb):
@@ -58,13 +48,10 @@ def _depth_pack(d):
 
 # -- texture -------------------------------------------------------------------------------------
 
-def _texture_load(store, target, inputs, params):
-    ds = RawDataset(Path(target.raw))
-    cal = ds.calibration(target.subject, target.sample, target.view)
-    rgb = ds.rgb(target.subject, target.sample, target.view, cal)
-    return dict(ir_depth=_decoded(store, inputs, ["depth"])["depth"],
-                rgb_depth=store.artifacts.read(inputs["depth"].ref, ["depth"])["depth"], ir=cal.ir, rgb=cal.rgb,
-                image=rgb)
+def _texture_load(src: Sources, params):
+    cal = src.raw.calibration(src.view)
+    return dict(ir_depth=src.arrays("decode", ["depth"])["depth"], rgb_depth=src.arrays("depth", ["depth"])["depth"],
+                ir=cal.ir, rgb=cal.rgb, image=src.raw.rgb(src.view))
 
 
 def _texture_kernel(params: TextureParams, ir_depth, rgb_depth, ir, rgb, image):
@@ -79,9 +66,9 @@ def _texture_pack(t):
 
 # -- mesh ----------------------------------------------------------------------------------------
 
-def _mesh_load(store, target, inputs, params):
-    d = _decoded(store, inputs, ["points", "depth"])
-    return dict(points=d["points"], ir_depth=d["depth"], focal=float(_calibration(target).ir.K[0, 0]))
+def _mesh_load(src: Sources, params):
+    d = src.arrays("decode", ["points", "depth"])
+    return dict(points=d["points"], ir_depth=d["depth"], focal=float(src.raw.calibration(src.view).ir.K[0, 0]))
 
 
 def _mesh_kernel(params: GridMeshParams, points, ir_depth, focal):
@@ -96,12 +83,11 @@ def _mesh_pack(m):
 
 # -- landmarks -----------------------------------------------------------------------------------
 
-def _landmarks_load(store, target, inputs, params):
-    ds = RawDataset(Path(target.raw))
-    cal = ds.calibration(target.subject, target.sample, target.view)
-    lm, vis = ds.landmarks(target.subject, target.sample, target.view, cal.rgb.width, cal.rgb.height)
-    d = _decoded(store, inputs, ["points", "depth"])
-    visible = store.artifacts.read(inputs["texture"].ref, ["visible"])["visible"]
+def _landmarks_load(src: Sources, params):
+    cal = src.raw.calibration(src.view)
+    lm, vis = src.raw.landmarks(src.view)
+    d = src.arrays("decode", ["points", "depth"])
+    visible = src.arrays("texture", ["visible"])["visible"]
     return dict(landmarks_px=lm, landmark_visible=vis, points=d["points"], ir_depth=d["depth"], ir=cal.ir,
                 rgb=cal.rgb, visible=visible)
 
@@ -125,7 +111,11 @@ TEXTURE = StageSpec("texture", "1", "view", True, _texture_load, _texture_kernel
 MESH = StageSpec("mesh", "1", "view", True, _mesh_load, _mesh_kernel, _mesh_pack)
 LANDMARKS = StageSpec("landmarks", "1", "view", True, _landmarks_load, _landmarks_kernel, _landmarks_pack)
 
-depth_task = stage_task(DEPTH)
-texture_task = stage_task(TEXTURE)
-mesh_task = stage_task(MESH)
-landmarks_task = stage_task(LANDMARKS)
+VIEW_STEPS = (Step(DECODE), Step(DEPTH, ("decode",)), Step(TEXTURE, ("decode", "depth")), Step(MESH, ("decode",)),
+              Step(LANDMARKS, ("decode", "texture")))
+"""Per-view stages in dependency order (fusion, meshing, registration append sample-level steps)."""
+
+SAMPLE_CHAIN = Chain("sample", VIEW_STEPS)
+"""One unit per sample: every view's stages (and, later, the sample-level ones)."""
+VIEW_CHAIN = Chain("view", VIEW_STEPS)
+"""One unit per view (same stages; units of a finer grain)."""

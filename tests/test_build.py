@@ -89,16 +89,39 @@ def config(raw, store, cluster, **kw):
     return BuildConfig(raw=str(raw), store=str(store), dask_address=cluster, **kw)
 
 
-def build(cfg):
-    from flows.build import build_dataset
+def build(cfg, expect_failed: bool = False):
+    """Run the dataset flow; its run is Failed exactly when some sample failed (the summary travels along)."""
+    from flows.build import DatasetSummary, build_dataset
 
-    return build_dataset(config=cfg)
+    state = build_dataset(config=cfg, return_state=True)
+    assert state.is_failed() == expect_failed, state.message
+    summary = state.result(raise_on_failure=False)
+    assert isinstance(summary, DatasetSummary)
+    return summary
 
 
 def outcomes(summary_store: str, build_id: str) -> dict[tuple, str]:
     t = open_store(summary_store, create=False).catalog.read("stage_runs")
     return {(r["subject_id"], r["sample_id"], r["view_id"], r["stage"]): r["outcome"]
             for r in t.to_pylist() if r["build_id"] == build_id}
+
+
+def task_states(summary) -> dict[str, str]:
+    """Task run name -> state name of the subject flow runs of a build (through the Prefect API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    ids = [s.flow_run_id for s in summary.subjects]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    return {t.name: t.state.name for t in runs}
+
+
+def flow_states(summary) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return {s.subject: client.read_flow_run(s.flow_run_id).state.type.value for s in summary.subjects}
 
 
 def write_ids(store) -> dict:
@@ -147,6 +170,8 @@ def test_build_then_identical_rebuild_is_all_cached(harness, cluster, raw, tmp_p
     s2 = build(config(raw, store, cluster))
     assert s2.failed == 0 and s2.totals()["cached"] == n_views * len(STAGES)
     assert not kernel_calls  # no kernel ran
+    units = {n: st for n, st in task_states(s2).items() if n.startswith("sample-")}
+    assert len(units) == 4 and set(units.values()) == {"Cached"}  # one Prefect task per sample, a cache hit
     assert set(outcomes(str(store), s2.build_id).values()) == {"cached"}
     assert write_ids(store) == before  # nothing rewritten
     assert comparable(store) == rows_before  # identical catalog apart from run ids / times / outcome
@@ -197,8 +222,11 @@ def _corrupt(raw: Path):
 def test_corrupt_samples_fail_clearly_others_complete(harness, cluster, raw, tmp_path):
     _corrupt(raw)
     store = tmp_path / "store"
-    s = build(config(raw, store, cluster))
-    assert s.failed > 0
+    s = build(config(raw, store, cluster), expect_failed=True)
+    assert s.failed > 0 and len(s.subjects) == 2
+    assert flow_states(s) == {"S0000": "FAILED", "S0001": "FAILED"}  # a subject with a failed sample is not green
+    units = task_states(s)
+    assert units["sample-S0001-mouth_open"] == "Completed" and units["sample-S0000-neutral"] == "Failed"
     rows = open_store(store, create=False).catalog.read("stage_runs").to_pylist()
     failed = {(r["subject_id"], r["sample_id"], r["view_id"]) for r in rows if r["status"] == "failed"}
     assert failed == {("S0000", "neutral", "left"), ("S0000", "mouth_open", "middle"), ("S0001", "neutral", "right")}
@@ -234,3 +262,38 @@ def test_cli_exit_code_says_partial_failure(harness, cluster, raw, tmp_path, cap
     assert main(["--raw", str(tmp_path / "nope"), "--store", str(store)]) == 2
     out = capsys.readouterr()
     assert '"failed_subjects": ["S0001"]' in out.out and "no such folder" in out.err
+
+
+def test_chain_unit_shares_arrays_in_memory_and_reuses_per_stage(raw, kernel_calls, monkeypatch):
+    """A unit without Prefect (``run_chain``): computed arrays feed dependants from memory; per-stage
+    reuse picks out the changed stage and its dependants; keys do not depend on the unit's grain."""
+    from kernels.texture import TextureParams
+    from pixelface.config import StageParams
+    from storage.store import memory_store
+    from tasks.stage import Target, run_chain, unit_cache_key
+    from tasks.view_stages import SAMPLE_CHAIN, VIEW_CHAIN
+
+    st = memory_store()
+    reads, read = [], st.artifacts.read
+    monkeypatch.setattr(st.artifacts, "read", lambda ref, names=None: reads.append(ref.stage) or read(ref, names))
+    views = ("left", "middle", "right")
+    t = Target(raw=str(raw), store="memory", subject="S0000", sample="neutral", views=views)
+    rec = run_chain(SAMPLE_CHAIN, t, StageParams(), store=st)
+    assert [(s.stage, s.outcome) for s in rec.stages] == [(n, "computed") for n in STAGES for _ in views]
+    assert kernel_calls == {s: 3 for s in STAGES} and not reads  # nothing read back from the store
+    assert all(s.write_id and s.kernel_cpu_s > 0 for s in rec.stages)
+
+    kernel_calls.clear()
+    changed = StageParams(texture=TextureParams(occlusion_tol_mm=1.5))
+    assert unit_cache_key(SAMPLE_CHAIN, t, changed)[0] != unit_cache_key(SAMPLE_CHAIN, t, StageParams())[0]
+    rec = run_chain(SAMPLE_CHAIN, t, changed, store=st)
+    assert {(s.stage, s.outcome) for s in rec.stages} == {
+        (n, "computed" if n in DOWNSTREAM["texture"] else "cached") for n in STAGES}
+    assert kernel_calls == {"texture": 3, "landmarks": 3}
+    assert set(reads) == {"decode", "depth"}  # only inputs of the rerun stages that were not computed here
+
+    kernel_calls.clear()
+    one = run_chain(VIEW_CHAIN, Target(raw=str(raw), store="memory", subject="S0000", sample="neutral",
+                                       view="left"), changed, store=st)
+    assert [s.outcome for s in one.stages] == ["cached"] * len(STAGES) and not kernel_calls
+    assert {s.key for s in one.stages} <= {s.key for s in rec.stages}

@@ -218,7 +218,7 @@ class TestZarrArtifactStore(ArtifactStoreContract):
         meta = json.loads((d / "points" / "zarr.json").read_text())
         assert meta["shape"] == [20, 16, 3]
         codecs = json.dumps(meta["codecs"])
-        assert "blosc" in codecs and "zstd" in codecs
+        assert "blosc" in codecs and "lz4" in codecs
         assert not any((tmp_path / "store" / ".staging").iterdir())  # nothing left behind
         import zarr
         assert zarr.open_group(str(d), mode="r")["points"].shape == (20, 16, 3)  # plain Zarr for others
@@ -244,7 +244,7 @@ _KILL_WRITER = textwrap.dedent("""
     import sys, numpy as np
     from storage.artifacts import ZarrArtifactStore
     from storage.keys import ArtifactRef
-    st = ZarrArtifactStore(sys.argv[1], clevel=9)
+    st = ZarrArtifactStore(sys.argv[1], cname="zstd", clevel=9)  # slow on purpose
     g = np.random.default_rng(0)
     arrays = {f"a{i}": g.normal(size=(1024, 1280, 3)).astype(np.float32) for i in range(6)}
     print("ready", flush=True)
