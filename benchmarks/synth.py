@@ -37,7 +37,7 @@ def run(size: str = "full", cores: int = 1, repeats: int = 3, seed: int = 0) -> 
     from flows.synthesize import _mesh_record, _sample_meta, write_capture
     from kernels.camera import pixel_grid, pixel_rays
     from kernels.synth.face import face_mesh, sample_subject
-    from kernels.synth.rig import RigParams, build_rig, perturb_rig
+    from kernels.synth.rig import build_rig, perturb_rig
     from kernels.synth.scanner import SceneMesh, scan
     from pixelface.config import load_config
 

@@ -80,3 +80,32 @@ def as_rng(rng) -> np.random.Generator:
     if rng is None or isinstance(rng, (int, np.integer)):
         return np.random.default_rng(rng)
     raise ValueError(f"rng: expected a numpy Generator, an int seed or None, got {type(rng).__name__}")
+
+
+def check_number(value, name: str, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False) -> float:
+    """Return ``float(value)`` if it is finite and within ``[lo, hi]`` (open ends on request).
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``: not a number, not finite, or out of range.
+    """
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be a number, got {value!r}") from None
+    if not np.isfinite(v):
+        raise ValueError(f"{name}: must be finite, got {value!r}")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ValueError(f"{name}: must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        raise ValueError(f"{name}: must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+    return v
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """Return ``int(value)`` for an integer (not bool) >= ``minimum``, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
+        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+    return int(value)

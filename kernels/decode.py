@@ -160,7 +160,6 @@ class DecodeParams:
 
 def _bin2(a: np.ndarray, W2: int) -> np.ndarray:
     """2x2 sums of a (h, W) image with even h (columns beyond ``W2`` are ignored)."""
-    h = a.shape[0]
     rows = a[0::2, :W2] + a[1::2, :W2]
     return rows[:, 0::2] + rows[:, 1::2]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from storage._publish import publish_dir
 from storage.ids import check_id, safe_join
 
 GT_FORMAT_NAME = "pixelface-gt"
@@ -88,13 +89,7 @@ def write_gt_sample(root: Path, subject_id: str, sample_id: str, mesh: dict[str,
             for name, arr in arrays.items():
                 flat[f"{view}/{name}"] = np.asarray(arr)
         np.savez(tmp / "views.npz", **flat)
-        if final.exists():
-            old = subj / f".old-{sample_id}-{uuid.uuid4().hex}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from kernels.camera import Camera
+from storage._publish import publish_dir
 from storage.ids import UnsafeIdError, check_id, safe_join
 
 FORMAT_NAME = "pixelface-raw"
@@ -253,13 +254,7 @@ def write_sample(root: Path, meta: SampleMeta, views: dict[str, RawView], *, ove
             (vd / "rgb.png").write_bytes(_png_bytes(v.rgb, png_compress_level))
             _write_json(vd / "calibration.json", v.calibration.to_dict())
             (vd / "landmarks.csv").write_text(landmarks_csv(v.landmarks_px, v.landmark_visible))
-        if final.exists():
-            old = subj_dir / f".old-{meta.sample_id}-{uuid.uuid4().hex}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

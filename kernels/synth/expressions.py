@@ -28,9 +28,9 @@ import numpy as np
 
 from kernels.synth.face_identity import displacement, field_scalars
 from kernels.synth.face_geometry import (
-    EYE_BOT, EYE_TOP, EYE_X, EYE_Y, MOUTH_BAND, MOUTH_W, Domain, FaceState, bump, design_to_angles,
-    direction, eye_local, lid_margins, mean_radius, mouth_band_coord, mouth_lateral, mouth_line,
-    nasolabial_distance, sstep, to_spherical, xy_box, D2R,
+    EYE_BOT, EYE_TOP, EYE_X, EYE_Y, MOUTH_W, Domain, FaceState, bump, design_to_angles,
+    direction, eye_local, lid_margins, mean_radius, mouth_band_coord, mouth_line,
+    nasolabial_distance, sstep, to_spherical, xy_box,
 )
 
 

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels._checks import as_array, as_rng
+from kernels._checks import check_int as _check_int
+from kernels._checks import check_number as _check_float
 from kernels.camera import Camera, look_at, rotation_about_axis
 from kernels.synth.seeding import derive_rng
 
@@ -58,27 +60,6 @@ __all__ = [
 ]
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
-        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_float(value, name: str, lo: float | None = None, hi: float | None = None,
-                 lo_open: bool = False, hi_open: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name}: must be finite, got {value!r}")
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise ValueError(f"{name}: must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and (v > hi or (hi_open and v == hi)):
-        raise ValueError(f"{name}: must be {'<' if hi_open else '<='} {hi}, got {value!r}")
-    return v
 
 
 def _check_dist(value, name: str) -> tuple[float, ...]:

@@ -41,13 +41,13 @@ streams. Same inputs and seed give bit-identical arrays.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import open3d as o3d
 
 from kernels._checks import as_array, as_rng
+from kernels._checks import check_number as _num
 from kernels.camera import Camera, distort, pixel_rays, project
 from kernels.synth.rig import Group, Rig, root_entropy
 from kernels.synth.seeding import derive_rng
@@ -67,21 +67,6 @@ __all__ = [
 
 N_LANDMARKS = 106
 IMAGE_MODEL_VERSION = 1  # version of docs/image-model.md this module implements
-
-
-def _num(value, name: str, lo: float | None = None, lo_open: bool = False,
-         hi: float | None = None) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name}: must be finite, got {value!r}")
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise ValueError(f"{name}: must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and v > hi:
-        raise ValueError(f"{name}: must be <= {hi}, got {value!r}")
-    return v
 
 
 # -- parameters ------------------------------------------------------------------------------
