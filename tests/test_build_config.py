@@ -16,7 +16,11 @@ def test_prefect_yaml_parameters_validate():
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in doc["deployments"]}
     nightly = deps["nightly"]
-    assert nightly["entrypoint"] == "flows/build.py:build_dataset"
+    # a module path (a file path would load the module under another name, which Dask workers cannot unpickle)
+    from prefect.utilities.importtools import import_object
+
+    from flows.build import build_dataset
+    assert import_object(nightly["entrypoint"].split("#")[0].strip()) is build_dataset
     assert nightly["schedules"][0]["cron"] == "0 2 * * *"
     cfg = BuildConfig.model_validate(nightly["parameters"]["config"])
     assert cfg.stages.decode.min_modulation == 12.0 and cfg.workers == 2
