@@ -1,0 +1,256 @@
+"""Multi-view fusion of one capture (paper section 3.1, "Multi-View Fusion").
+
+"We set the middle mesh as the pivot and align the left and right point clouds to the
+pivot [...] coarsely [from the 3D landmarks]. [...] we further refine the fusion results
+by [ICP]. Finally, we merge the overlapped vertices and omit the isolated vertices.
+After fusion, we obtain full-view 3D point clouds and complete 3D landmarks."
+
+:func:`fuse_views` chains the three kernels:
+
+1. :func:`kernels.align.align_landmarks` -- RANSAC + Kabsch on the landmarks a side view
+   and the pivot both lifted (fallback to the stored calibration, i.e. the identity,
+   when too few are shared);
+2. :func:`kernels.icp.refine_icp` -- coarse-to-fine point-to-plane ICP onto the pivot;
+3. :func:`kernels.merge.merge_views` -- overlap merge, isolated-point removal, normals;
+
+and fuses the landmarks (mean of the aligned views that lifted each one).
+
+Frames: every view's points are given in the world frame of the *stored* calibration
+(``decode_view(..., frame="world")``); the pivot's stored pose defines the world frame
+(docs/conventions.md), so the pivot's transform is the identity and a side view's
+transform is the correction of its stored calibration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernels._checks import as_array
+from kernels.align import FALLBACK, CoarseAlignment, CoarseParams, align_landmarks
+from kernels.icp import IcpParams, IcpResult, refine_icp
+from kernels.merge import MergeParams, merge_views
+
+N_LANDMARKS = 106
+
+
+@dataclass(frozen=True)
+class FusionParams:
+    """Parameters of :func:`fuse_views` (all solver schedules are data here).
+
+    Attributes
+    ----------
+    coarse : CoarseParams
+        Landmark alignment (minimum shared landmarks, RANSAC threshold and trials).
+    icp : IcpParams
+        ICP schedule (voxel sizes, correspondence distances, iterations per level).
+    merge : MergeParams
+        Overlap merge, outlier removal and normals.
+    icp_on_fallback : bool
+        When the landmark alignment falls back to the stored calibration, still refine
+        it by ICP from the identity (default True: the stored calibration is normally
+        within a degree / a few mm, inside ICP's capture range). The coarse record keeps
+        the fallback status either way.
+    seed : int
+        Seed of the RANSAC draws (default 0; each view's generator is derived from it
+        and the view name, so the result does not depend on the dict order).
+    """
+
+    coarse: CoarseParams = field(default_factory=CoarseParams)
+    icp: IcpParams = field(default_factory=IcpParams)
+    merge: MergeParams = field(default_factory=MergeParams)
+    icp_on_fallback: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, cls in (("coarse", CoarseParams), ("icp", IcpParams), ("merge", MergeParams)):
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"FusionParams.{name}: expected {cls.__name__}, got "
+                                 f"{type(getattr(self, name)).__name__}")
+        if not isinstance(self.icp_on_fallback, bool):
+            raise ValueError(f"FusionParams.icp_on_fallback: expected a bool, got {self.icp_on_fallback!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"FusionParams.seed: expected an int >= 0, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class FusionResult:
+    """Outcome of :func:`fuse_views`.
+
+    Attributes
+    ----------
+    pivot : str
+    transforms : dict of str to (4, 4) float64
+        Per view, input frame -> pivot frame (``x_p = T[:3, :3] @ x + T[:3, 3]``, mm);
+        the identity for the pivot.
+    coarse : dict of str to CoarseAlignment
+        Landmark alignment of each side view.
+    icp : dict of str to IcpResult or None
+        ICP of each side view (None when it was not run: fallback with
+        ``icp_on_fallback = False``).
+    converged : dict of str to bool
+        Per side view: the final transform comes from a converged ICP (or, without ICP,
+        from a converged landmark alignment).
+    points : (m, 3) float64
+        Fused points in the pivot frame (mm).
+    normals : (m, 3) float64
+        Unit normals, oriented outwards.
+    colours : (m, 3) float64 or None
+        Fused colours (NaN rows where unknown); None when no view had colours.
+    confidence : (m,) float64
+    n_views : (m,) uint8
+        Views merged into each point.
+    landmarks : (106, 3) float64
+        Fused landmarks in the pivot frame, NaN rows where no view lifted one.
+    landmark_n_views : (106,) uint8
+        Views that lifted each landmark.
+    qc : dict of str to float or int
+        ``n_input``, ``n_points``, ``n_merged_groups``, ``n_isolated_removed``,
+        ``n_cluster_removed``, ``spacing_mm``, ``landmark_spread_mm`` (median over
+        multi-view landmarks of the largest distance of a view's landmark to the fused
+        one), per side view ``{name}_fitness``, ``{name}_inlier_rmse_mm``,
+        ``{name}_landmark_inliers``, ``{name}_coarse_rmse_mm``,
+        ``{name}_correction_deg`` and ``{name}_correction_mm`` (size of the applied
+        transform at the centroid of the view).
+    """
+
+    pivot: str
+    transforms: dict
+    coarse: dict
+    icp: dict
+    converged: dict
+    points: np.ndarray
+    normals: np.ndarray
+    colours: np.ndarray | None
+    confidence: np.ndarray
+    n_views: np.ndarray
+    landmarks: np.ndarray
+    landmark_n_views: np.ndarray
+    qc: dict
+
+
+def _check_view(name, view):
+    if not isinstance(view, (tuple, list)) or len(view) != 4:
+        raise ValueError(f"views[{name!r}]: expected a tuple (points, confidence, colours, landmarks), got "
+                         f"{type(view).__name__}{'' if not isinstance(view, (tuple, list)) else f' of length {len(view)}'}")
+    pts, conf, col, lm = view
+    p = as_array(pts, f"views[{name!r}].points", (None, 3), finite=True)
+    n = p.shape[0]
+    c = as_array(conf, f"views[{name!r}].confidence", (n,), finite=True)
+    if np.any((c < 0) | (c > 1)):
+        raise ValueError(f"views[{name!r}].confidence: values must be in [0, 1], got range "
+                         f"[{c.min():.3g}, {c.max():.3g}]")
+    if col is not None:
+        col = as_array(col, f"views[{name!r}].colours", (n, 3))
+        if np.any(np.isinf(col)):
+            raise ValueError(f"views[{name!r}].colours: contains infinite values (NaN rows mean unknown)")
+    L = as_array(lm, f"views[{name!r}].landmarks", (N_LANDMARKS, 3))
+    if np.any(np.isinf(L)) or np.any(np.isnan(L).any(axis=1) != np.isnan(L).all(axis=1)):
+        raise ValueError(f"views[{name!r}].landmarks: rows must be all finite or all NaN")
+    return p, c, col, L
+
+
+def _apply(T: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return x @ T[:3, :3].T + T[:3, 3]
+
+
+def _angle_deg(R: np.ndarray) -> float:
+    s = 0.5 * np.linalg.norm([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
+    return float(np.degrees(np.arctan2(s, 0.5 * (np.trace(R) - 1.0))))
+
+
+def fuse_views(views: dict, pivot: str = "middle", params: FusionParams = FusionParams(), *,
+               viewpoints: dict | None = None) -> FusionResult:
+    """Fuse a capture's views into one point cloud with outward normals and 106 landmarks.
+
+    Parameters
+    ----------
+    views : dict of str to tuple
+        ``name -> (points, confidence, colours, landmarks)`` with ``points`` (n, 3)
+        float64 in mm (stored-calibration world frame, finite), ``confidence`` (n,) in
+        [0, 1], ``colours`` (n, 3) float or None (NaN rows = unknown), ``landmarks``
+        (106, 3) float64 with NaN rows where not lifted.
+    pivot : str
+        The view that defines the frame (default ``"middle"``).
+    params : FusionParams
+    viewpoints : dict of str to (3,) float64, optional
+        Each view's IR camera centre in its input frame; normals are then oriented
+        towards the camera that contributed most to each point (else away from
+        ``params.merge.head_centre_mm``).
+
+    Returns
+    -------
+    FusionResult
+
+    Raises
+    ------
+    ValueError
+        ``views`` empty or not a dict, ``pivot`` not a view, a view malformed (NaN or
+        infinite points, confidence outside [0, 1], wrong shapes), bad ``viewpoints``.
+    """
+    if not isinstance(views, dict) or not views:
+        raise ValueError(f"views: expected a non-empty dict of name -> view, got {type(views).__name__}")
+    if pivot not in views:
+        raise ValueError(f"pivot: {pivot!r} is not one of the views {sorted(views)}")
+    if not isinstance(params, FusionParams):
+        raise ValueError(f"params: expected FusionParams, got {type(params).__name__}")
+    data = {name: _check_view(name, v) for name, v in views.items()}
+    vps = None
+    if viewpoints is not None:
+        if not isinstance(viewpoints, dict) or set(viewpoints) != set(views):
+            raise ValueError(f"viewpoints: expected a dict with the keys {sorted(views)}")
+        vps = {k: as_array(v, f"viewpoints[{k!r}]", (3,), finite=True) for k, v in viewpoints.items()}
+
+    names = list(views)
+    Pp, _, _, Lp = data[pivot]
+    transforms = {pivot: np.eye(4)}
+    coarse, icp, conv = {}, {}, {}
+    qc: dict = {}
+    for name in names:
+        if name == pivot:
+            continue
+        P, _, _, L = data[name]
+        rng = np.random.default_rng([params.seed, *name.encode()])
+        ca: CoarseAlignment = align_landmarks(L, Lp, params.coarse, rng=rng)
+        coarse[name] = ca
+        T = ca.transform
+        ir: IcpResult | None = None
+        if ca.converged or params.icp_on_fallback:
+            ir = refine_icp(P, Pp, ca.transform, params.icp)
+            if ir.converged:
+                T = ir.transform
+        icp[name] = ir
+        conv[name] = bool(ir.converged) if ir is not None else bool(ca.converged)
+        transforms[name] = T
+        c = P.mean(axis=0)
+        qc[f"{name}_coarse_status"] = ca.status if ca.converged else f"{FALLBACK} ({ca.reason})"
+        qc[f"{name}_landmark_inliers"] = ca.n_inliers
+        qc[f"{name}_coarse_rmse_mm"] = ca.rmse_mm
+        qc[f"{name}_fitness"] = float("nan") if ir is None else ir.fitness
+        qc[f"{name}_inlier_rmse_mm"] = float("nan") if ir is None else ir.inlier_rmse_mm
+        qc[f"{name}_correction_deg"] = _angle_deg(T[:3, :3])
+        qc[f"{name}_correction_mm"] = float(np.linalg.norm(_apply(T, c[None])[0] - c))
+
+    # merge in the pivot frame
+    pts = [_apply(transforms[n], data[n][0]) for n in names]
+    conf = [data[n][1] for n in names]
+    cols = [data[n][2] for n in names]
+    vp = None if vps is None else [_apply(transforms[n], vps[n][None])[0] for n in names]
+    m = merge_views(pts, conf, cols if any(c is not None for c in cols) else None, vp, params.merge)
+
+    # landmarks: mean of the aligned views that lifted each one
+    Ls = np.stack([_apply(transforms[n], data[n][3]) for n in names])      # (v, 106, 3), NaN rows kept
+    seen = np.isfinite(Ls[..., 0])
+    cnt = seen.sum(axis=0)
+    with np.errstate(invalid="ignore"):
+        lm = np.where(cnt[:, None] > 0, np.nansum(Ls, axis=0) / np.maximum(cnt, 1)[:, None], np.nan)
+        spread = np.nanmax(np.linalg.norm(Ls - lm[None], axis=2), axis=0, initial=-1.0, where=seen)
+    multi = cnt > 1
+    qc.update(n_input=m.n_input, n_points=int(m.points.shape[0]), n_merged_groups=m.n_merged_groups,
+              n_isolated_removed=m.n_isolated_removed, n_cluster_removed=m.n_cluster_removed,
+              spacing_mm=m.spacing_mm,
+              landmark_spread_mm=float(np.median(spread[multi])) if multi.any() else float("nan"),
+              n_landmarks=int(np.count_nonzero(cnt)))
+    return FusionResult(pivot, transforms, coarse, icp, conv, m.points, m.normals, m.colours, m.confidence,
+                        m.n_views, lm, cnt.astype(np.uint8), qc)

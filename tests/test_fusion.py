@@ -1,0 +1,320 @@
+"""Multi-view fusion (kernels/align.py, icp.py, merge.py, fusion.py) against simulator GT.
+
+Scene (pattern of tests/test_decode_sim.py): one synthetic subject, the default rig at
+320 x 256, rendered with the TRUE rig and decoded / textured / landmark-lifted with the
+STORED (perturbed) rig in its world frame, as the pipeline does. A side view is then
+off by its stored-calibration error; the GT correction of view ``v`` is
+
+    T_gt = [R_true^T R_stored | R_true^T (t_stored - t_true)]   (IR camera poses),
+
+which maps the stored-frame decoded points onto the GT surface. Two calibration errors:
+the simulator default (0.5 deg / 1 mm) and 5 deg / 20 mm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import open3d as o3d
+import pytest
+from scipy.spatial import cKDTree
+
+from kernels.align import FALLBACK, CoarseParams, align_landmarks, kabsch
+from kernels.decode import decode_view
+from kernels.depth import depth_image
+from kernels.fusion import FusionParams, fuse_views
+from kernels.icp import IcpParams, refine_icp
+from kernels.landmarks import lift_landmarks
+from kernels.merge import MergeParams, merge_views
+from kernels.synth.face import face_mesh, sample_subject
+from kernels.synth.rig import RigParams, build_rig, perturb_rig, rotation_angle_deg
+from kernels.synth.scanner import FringeParams, PhotometryParams, SceneMesh, render_view
+from kernels.texture import project_to_rgb, texture_map, visibility
+
+W, H = 320, 256
+FR = FringeParams()
+NAMES = ("left", "middle", "right")
+CALIB = {"default": (0.5, 1.0), "large": (5.0, 20.0)}
+
+
+def _rigid(rot_deg, axis, t):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = np.radians(rot_deg)
+    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    T = np.eye(4)
+    T[:3, :3] = np.eye(3) + np.sin(a) * K + (1 - np.cos(a)) * K @ K
+    T[:3, 3] = t
+    return T
+
+
+def _apply(T, x):
+    return x @ T[:3, :3].T + T[:3, 3]
+
+
+@pytest.fixture(scope="module")
+def scene():
+    fm = face_mesh(sample_subject("T001", 5), "neutral", n_vertices=60_000)
+    sm = SceneMesh(fm.vertices, fm.faces, fm.albedo_ir, fm.albedo_rgb, fm.landmarks)
+    rc = o3d.t.geometry.RaycastingScene()
+    rc.add_triangles(o3d.core.Tensor(fm.vertices.astype(np.float32)), o3d.core.Tensor(fm.faces.astype(np.uint32)))
+    renders = {}
+    true = build_rig(RigParams(width=W, height=H))
+    for g in true.groups:
+        vr = render_view(sm, g, FR, rng=11, nthreads=1)
+        clean = render_view(sm, g, FR, PhotometryParams(annotator_noise_px=0.0), rng=11, nthreads=1)
+        renders[g.name] = (vr, clean)
+    return fm, rc, true, renders
+
+
+@pytest.fixture(scope="module", params=sorted(CALIB))
+def capture(request, scene):
+    """Views decoded with the stored rig: views (noisy landmarks), clean landmarks, GT transforms."""
+    fm, rc, true, renders = scene
+    rot, tr = CALIB[request.param]
+    stored = perturb_rig(true, RigParams(width=W, height=H, calib_rot_deg=rot, calib_trans_mm=tr), rng=3)
+    views, clean_lm, gt_T, vps, gt_pts = {}, {}, {}, {}, {}
+    for name in NAMES:
+        vr, clean = renders[name]
+        s, g = stored.group(name), true.group(name)
+        dv = decode_view(vr.fringe, s.ir, s.projector, FR.frequencies, FR.steps)
+        pr = project_to_rgb(dv.depth, s.ir, s.rgb)
+        D = depth_image(pr, dv.depth, float(s.ir.K[0, 0]))
+        vis = visibility(pr, D)
+        tex = texture_map(pr, vr.rgb, D, visible=vis)
+        lift = {}
+        for key, ann in (("noisy", vr), ("clean", clean)):
+            lift[key] = lift_landmarks(ann.landmarks_px, pr, dv.points, dv.depth, float(s.ir.K[0, 0]), visible=vis,
+                                       landmark_visible=ann.landmark_visible).points
+        v = dv.valid
+        views[name] = (dv.points[v].astype(np.float64), dv.confidence[v].astype(np.float64),
+                       tex.colors[v].astype(np.float64), lift["noisy"])
+        clean_lm[name] = lift["clean"]
+        T = np.eye(4)
+        T[:3, :3] = g.ir.R.T @ s.ir.R
+        T[:3, 3] = g.ir.R.T @ (s.ir.t - g.ir.t)
+        gt_T[name] = T
+        vps[name] = s.ir.center
+        gt_pts[name] = vr.gt.points[v]
+    return dict(key=request.param, fm=fm, rc=rc, views=views, clean_lm=clean_lm, gt_T=gt_T, vps=vps,
+                gt_pts=gt_pts)
+
+
+@pytest.fixture(scope="module")
+def fused(capture):
+    return fuse_views(capture["views"], viewpoints=capture["vps"])
+
+
+def _dist(rc, pts):
+    return rc.compute_distance(o3d.core.Tensor(np.asarray(pts, np.float32))).numpy()
+
+
+# -- coarse alignment ---------------------------------------------------------------------------
+
+def test_kabsch_round_trip():
+    rng = np.random.default_rng(0)
+    src = rng.normal(scale=50, size=(40, 3))
+    T = _rigid(33.0, (1, 2, -1), (10, -4, 7))
+    np.testing.assert_allclose(kabsch(src, _apply(T, src)), T, atol=1e-9)
+    with pytest.raises(ValueError, match="src"):
+        kabsch(src[:2], src[:2])
+
+
+def test_align_landmarks_ignores_wrong_landmarks():
+    rng = np.random.default_rng(1)
+    src = rng.normal(scale=40, size=(106, 3))
+    src[rng.random(106) < 0.4] = np.nan
+    T = _rigid(5.0, (0, 1, 0.2), (20, 3, -5))
+    dst = _apply(T, src) + rng.normal(scale=0.5, size=src.shape)
+    bad = np.flatnonzero(np.isfinite(src[:, 0]))[:6]
+    dst[bad] += rng.normal(scale=15, size=(6, 3)) + 10
+    r = align_landmarks(src, dst, rng=0)
+    assert r.converged and r.status == "ok" and r.reason == ""
+    assert not r.inliers[bad].any()
+    assert r.n_inliers == r.n_shared - 6
+    assert rotation_angle_deg(r.transform[:3, :3] @ T[:3, :3].T) < 0.3
+    assert np.linalg.norm(r.transform[:3, 3] - T[:3, 3]) < 1.0
+
+
+def test_align_landmarks_fallback_when_too_few_shared():
+    rng = np.random.default_rng(2)
+    src = rng.normal(scale=40, size=(106, 3))
+    dst = src + 1.0
+    src[5:] = np.nan  # 5 shared < min_shared = 6
+    r = align_landmarks(src, dst, CoarseParams(min_shared=6))
+    assert not r.converged and r.status == FALLBACK == "fallback: stored calibration"
+    assert "only 5 shared landmarks (minimum 6)" in r.reason
+    np.testing.assert_array_equal(r.transform, np.eye(4))
+    assert r.n_shared == 5 and r.n_inliers == 0 and np.isnan(r.rmse_mm)
+
+
+def test_align_landmarks_rejects_partial_rows():
+    a = np.zeros((106, 3))
+    a[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"source_landmarks: rows \[3\]"):
+        align_landmarks(a, np.zeros((106, 3)))
+
+
+# -- ICP ----------------------------------------------------------------------------------------
+
+def test_icp_recovers_known_transform_on_gt_surface(scene):
+    fm, _, _, _ = scene
+    rng = np.random.default_rng(3)
+    P = fm.vertices[fm.vertices[:, 2] > 20]
+    src = P[rng.random(P.shape[0]) < 0.5]
+    T = _rigid(1.0, (0.3, 1, 0), (1.0, -0.5, 0.8))
+    r = refine_icp(_apply(np.linalg.inv(T), src), P, None, IcpParams())
+    assert r.converged and len(r.levels) == 3 and r.n_iter == 3
+    assert rotation_angle_deg(r.transform[:3, :3] @ T[:3, :3].T) < 0.01
+    assert np.linalg.norm(r.transform[:3, 3] - T[:3, 3]) < 0.05
+    with pytest.raises(ValueError, match="IcpParams"):
+        IcpParams(voxel_mm=(1.0,), max_distance_mm=(1.0, 2.0), max_iterations=(5,))
+
+
+# -- fusion against GT --------------------------------------------------------------------------
+
+def test_side_view_poses(capture, fused):
+    """Rotation error, translation error at the view's centroid and at its IR camera centre."""
+    for name in ("left", "right"):
+        T, G = fused.transforms[name], capture["gt_T"][name]
+        assert fused.coarse[name].converged and fused.converged[name]
+        rot = rotation_angle_deg(T[:3, :3] @ G[:3, :3].T)
+        c = capture["views"][name][0].mean(axis=0)
+        t_c = np.linalg.norm(_apply(T, c[None]) - _apply(G, c[None]))
+        t_cam = np.linalg.norm(_apply(T, capture["vps"][name][None]) - _apply(G, capture["vps"][name][None]))
+        # the side view is brought onto the GT surface
+        moved = _apply(T, capture["views"][name][0])
+        rms = np.sqrt(np.mean(_dist(capture["rc"], moved) ** 2))
+        print(f"{capture['key']} {name}: rot {rot:.4f} deg, t@centroid {t_c:.4f} mm, t@camera {t_cam:.4f} mm, "
+              f"rms to GT {rms:.4f} mm, fitness {fused.icp[name].fitness:.3f}")
+        assert rot <= 0.05
+        assert t_c <= 0.10     # target 0.05 mm: measured 0.03-0.06 at 320 x 256
+        assert t_cam <= 0.35   # lever arm: 0.03 deg x 500 mm = 0.26 mm
+        assert rms <= 0.10
+
+
+def test_fused_cloud_quality(capture, fused):
+    rc = capture["rc"]
+    d = _dist(rc, fused.points)
+    assert np.sqrt(np.mean(d ** 2)) <= 0.10
+    assert np.mean(d > 1.0) <= 0.001
+    n_in = sum(v[0].shape[0] for v in capture["views"].values())
+    assert fused.qc["n_input"] == n_in and fused.points.shape[0] < n_in
+    # isolated points: fewer than 4 others within 3 spacings
+    sp = fused.qc["spacing_mm"]
+    cnt = cKDTree(fused.points).query_ball_point(fused.points, 3 * sp, return_length=True) - 1
+    assert np.mean(cnt < 4) < 0.001
+    # no duplicated layer in the overlap: local plane spread of merged points' neighbourhoods
+    tree = cKDTree(fused.points)
+    ov = np.flatnonzero(fused.n_views > 1)
+    assert ov.size > 5000
+    _, nb = tree.query(fused.points[ov[::10]], k=16)
+    X = fused.points[nb] - fused.points[nb].mean(axis=1, keepdims=True)
+    ev = np.linalg.eigvalsh(np.einsum("mki,mkj->mij", X, X) / 16)
+    spread = np.sqrt(ev[:, 0])
+    print(f"{capture['key']}: rms {np.sqrt(np.mean(d ** 2)):.4f} mm, overlap spread median "
+          f"{np.median(spread):.4f} p95 {np.percentile(spread, 95):.4f} mm, overlap rms to GT "
+          f"{np.sqrt(np.mean(d[ov] ** 2)):.4f}, isolated {np.mean(cnt < 4):.5f}, {fused.qc}")
+    assert np.median(spread) <= 0.10
+    assert np.sqrt(np.mean(d[ov] ** 2)) <= 0.10
+    # normals: unit, outward (agree with the GT face normal)
+    np.testing.assert_allclose(np.linalg.norm(fused.normals, axis=1), 1.0, atol=1e-6)
+    cp = rc.compute_closest_points(o3d.core.Tensor(fused.points.astype(np.float32)))
+    fm = capture["fm"]
+    f = fm.faces[cp["primitive_ids"].numpy()]
+    V = fm.vertices
+    fn = np.cross(V[f[:, 1]] - V[f[:, 0]], V[f[:, 2]] - V[f[:, 0]])
+    assert np.mean(np.einsum("ij,ij->i", fn, fused.normals) > 0) > 0.99
+    # colours and confidence kept
+    assert fused.colours.shape == fused.points.shape
+    ok = np.isfinite(fused.colours[:, 0])
+    assert ok.mean() > 0.95 and np.all((fused.colours[ok] >= 0) & (fused.colours[ok] <= 1))
+    assert np.all((fused.confidence >= 0) & (fused.confidence <= 1))
+
+
+def test_normals_without_viewpoints_point_away_from_head_centre(capture, fused):
+    r = fuse_views(capture["views"])
+    assert np.mean(np.einsum("ij,ij->i", r.normals, r.points) > 0) > 0.97
+    # same cloud as with view points, normals agree almost everywhere
+    assert r.points.shape == fused.points.shape
+    assert np.mean(np.einsum("ij,ij->i", r.normals, fused.normals) > 0) > 0.97
+
+
+def test_fused_landmarks(capture, fused):
+    fm = capture["fm"]
+    err = np.linalg.norm(fused.landmarks - fm.landmarks, axis=1)
+    seen = np.zeros(106, bool)
+    for v in capture["views"].values():
+        seen |= np.isfinite(v[3][:, 0])
+    assert np.array_equal(np.isfinite(fused.landmarks[:, 0]), seen)
+    np.testing.assert_array_equal(fused.landmark_n_views, sum(np.isfinite(v[3][:, 0]) for v in capture["views"].values()))
+    # the annotations carry the simulator's 1 px annotator noise (~1 mm per view)
+    assert np.nanmedian(err) <= 2.0
+    # noise-free annotations: only decoding and alignment errors are left
+    views = {n: (*v[:3], capture["clean_lm"][n]) for n, v in capture["views"].items()}
+    r = fuse_views(views, viewpoints=capture["vps"])
+    e2 = np.linalg.norm(r.landmarks - fm.landmarks, axis=1)
+    print(f"{capture['key']}: fused landmark median error noisy {np.nanmedian(err):.3f} mm, "
+          f"clean {np.nanmedian(e2):.3f} mm, n = {np.isfinite(e2).sum()}")
+    assert np.nanmedian(e2) <= 0.5
+
+
+def test_side_view_with_too_few_landmarks_falls_back(capture):
+    views = dict(capture["views"])
+    pts, conf, col, lm = views["left"]
+    lm = lm.copy()
+    keep = np.flatnonzero(np.isfinite(lm[:, 0]) & np.isfinite(views["middle"][3][:, 0]))[:4]
+    drop = np.ones(106, bool)
+    drop[keep] = False
+    lm[drop] = np.nan
+    views["left"] = (pts, conf, col, lm)
+    r = fuse_views(views, params=FusionParams(icp_on_fallback=False))
+    ca = r.coarse["left"]
+    assert not ca.converged and ca.status == FALLBACK and "only 4 shared landmarks" in ca.reason
+    assert r.icp["left"] is None and not r.converged["left"]
+    np.testing.assert_array_equal(r.transforms["left"], np.eye(4))
+    assert r.qc["left_coarse_status"].startswith("fallback: stored calibration")
+    assert r.coarse["right"].converged
+    if capture["key"] == "default":  # the stored calibration is within ICP's capture range
+        r2 = fuse_views(views)
+        G = capture["gt_T"]["left"]
+        assert not r2.coarse["left"].converged and r2.converged["left"]
+        assert rotation_angle_deg(r2.transforms["left"][:3, :3] @ G[:3, :3].T) <= 0.05
+
+
+def test_input_validation(capture):
+    views = dict(capture["views"])
+    pts = views["left"][0].copy()
+    pts[10, 1] = np.nan
+    with pytest.raises(ValueError, match=r"views\['left'\].points: contains 1 NaN"):
+        fuse_views({**views, "left": (pts, *views["left"][1:])})
+    with pytest.raises(ValueError, match="pivot"):
+        fuse_views(views, pivot="top")
+    with pytest.raises(ValueError, match="confidence: expected shape"):
+        fuse_views({**views, "left": (views["left"][0], views["left"][1][:-1], None, views["left"][3])})
+    with pytest.raises(ValueError, match="landmarks: expected shape"):
+        fuse_views({**views, "left": (*views["left"][:3], np.zeros((68, 3)))})
+    with pytest.raises(ValueError, match="expected a tuple"):
+        fuse_views({**views, "left": views["left"][:2]})
+
+
+# -- merge --------------------------------------------------------------------------------------
+
+def test_merge_two_offset_samplings_of_a_plane():
+    g = np.arange(0, 60, 1.0)
+    X, Y = np.meshgrid(g, g)
+    a = np.stack([X.ravel(), Y.ravel(), np.zeros(X.size)], axis=1)
+    b = a[a[:, 0] >= 30] + [0.1, 0.1, 0.0]        # overlaps half of a, 0.14 mm off
+    far = np.array([[500.0, 500.0, 0.0]])          # isolated point
+    ca = np.full(a.shape[0], 0.8)
+    cb = np.full(b.shape[0], 0.2)
+    m = merge_views([a, np.concatenate([b, far])], [ca, np.append(cb, 1.0)],
+                    [np.zeros_like(a), np.ones((b.shape[0] + 1, 3))], None,
+                    MergeParams(head_centre_mm=(30.0, 30.0, -100.0)))
+    assert m.n_merged_groups == b.shape[0]
+    assert m.points.shape[0] == a.shape[0]
+    assert m.n_isolated_removed == 1
+    merged = m.n_views == 2
+    # confidence-weighted mean: 0.8 a + 0.2 b
+    np.testing.assert_allclose(m.points[merged][:, 0] % 1.0, 0.02, atol=1e-9)
+    np.testing.assert_allclose(m.colours[merged], 0.2, atol=1e-12)
+    np.testing.assert_allclose(m.confidence[merged], 1 - 0.2 * 0.8)
+    assert np.all(m.normals[:, 2] > 0.999)
