@@ -24,7 +24,7 @@ from kernels.depth import depth_image
 from kernels.fusion import FusionParams, fuse_views
 from kernels.icp import IcpParams, refine_icp
 from kernels.landmarks import lift_landmarks
-from kernels.merge import MergeParams, merge_views
+from kernels.merge import MergeParams, merge_views, organised_normals, voxel_average
 from kernels.synth.face import face_mesh, sample_subject
 from kernels.synth.rig import RigParams, build_rig, perturb_rig, rotation_angle_deg
 from kernels.synth.scanner import FringeParams, PhotometryParams, SceneMesh, render_view
@@ -71,7 +71,7 @@ def capture(request, scene):
     fm, rc, true, renders = scene
     rot, tr = CALIB[request.param]
     stored = perturb_rig(true, RigParams(width=W, height=H, calib_rot_deg=rot, calib_trans_mm=tr), rng=3)
-    views, clean_lm, gt_T, vps, gt_pts = {}, {}, {}, {}, {}
+    views, clean_lm, gt_T, vps, gt_pts, masks = {}, {}, {}, {}, {}, {}
     for name in NAMES:
         vr, clean = renders[name]
         s, g = stored.group(name), true.group(name)
@@ -94,8 +94,9 @@ def capture(request, scene):
         gt_T[name] = T
         vps[name] = s.ir.center
         gt_pts[name] = vr.gt.points[v]
+        masks[name] = v
     return dict(key=request.param, fm=fm, rc=rc, views=views, clean_lm=clean_lm, gt_T=gt_T, vps=vps,
-                gt_pts=gt_pts)
+                gt_pts=gt_pts, masks=masks)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,27 @@ def test_icp_recovers_known_transform_on_gt_surface(scene):
         IcpParams(voxel_mm=(1.0,), max_distance_mm=(1.0, 2.0), max_iterations=(5,))
 
 
+def test_icp_with_given_target_normals(scene):
+    """Target normals averaged per voxel instead of estimated: same recovery."""
+    fm, _, _, _ = scene
+    rng = np.random.default_rng(3)
+    keep = fm.vertices[:, 2] > 20
+    P = fm.vertices[keep]
+    pc = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(fm.vertices.copy()),
+                                   o3d.utility.Vector3iVector(fm.faces.astype(np.int32)))
+    Nv = np.asarray(pc.compute_vertex_normals().vertex_normals)[keep]
+    src = P[rng.random(P.shape[0]) < 0.5]
+    T = _rigid(1.0, (0.3, 1, 0), (1.0, -0.5, 0.8))
+    Nin = Nv.copy()
+    r = refine_icp(_apply(np.linalg.inv(T), src), P, None, IcpParams(), target_normals=-Nv)  # any sign
+    np.testing.assert_array_equal(Nv, Nin)
+    assert r.converged and len(r.levels) == 3
+    assert rotation_angle_deg(r.transform[:3, :3] @ T[:3, :3].T) < 0.01
+    assert np.linalg.norm(r.transform[:3, 3] - T[:3, 3]) < 0.05
+    with pytest.raises(ValueError, match="target_normals"):
+        refine_icp(src, P, None, target_normals=Nv[:-1])
+
+
 # -- fusion against GT --------------------------------------------------------------------------
 
 def test_side_view_poses(capture, fused):
@@ -228,6 +250,40 @@ def test_fused_cloud_quality(capture, fused):
     ok = np.isfinite(fused.colours[:, 0])
     assert ok.mean() > 0.95 and np.all((fused.colours[ok] >= 0) & (fused.colours[ok] <= 1))
     assert np.all((fused.confidence >= 0) & (fused.confidence <= 1))
+
+
+def test_fusion_with_organised_masks(capture, fused):
+    """Grid normals (masks given) instead of PCA: same poses and cloud, outward normals."""
+    r = fuse_views(capture["views"], viewpoints=capture["vps"], masks=capture["masks"])
+    for name in ("left", "right"):
+        G = capture["gt_T"][name]
+        assert r.converged[name]
+        assert rotation_angle_deg(r.transforms[name][:3, :3] @ G[:3, :3].T) <= 0.05
+    # the pivot's grid normals also serve ICP, so the poses differ slightly, not the cloud
+    assert abs(r.points.shape[0] - fused.points.shape[0]) <= 0.001 * fused.points.shape[0]
+    d = _dist(capture["rc"], r.points)
+    assert np.sqrt(np.mean(d ** 2)) <= 0.10
+    np.testing.assert_allclose(np.linalg.norm(r.normals, axis=1), 1.0, atol=1e-6)
+    cp = capture["rc"].compute_closest_points(o3d.core.Tensor(r.points.astype(np.float32)))
+    fm = capture["fm"]
+    f = fm.faces[cp["primitive_ids"].numpy()]
+    V = fm.vertices
+    fn = np.cross(V[f[:, 1]] - V[f[:, 0]], V[f[:, 2]] - V[f[:, 0]])
+    fn /= np.linalg.norm(fn, axis=1, keepdims=True)
+    cos = np.einsum("ij,ij->i", fn, r.normals)
+    print(f"{capture['key']}: grid normals median angle to GT {np.degrees(np.median(np.arccos(np.clip(cos, -1, 1)))):.2f} deg")
+    assert np.mean(cos > 0) > 0.99
+    assert np.median(cos) > np.cos(np.radians(10))
+    # without view points: away from the head centre
+    r2 = fuse_views(capture["views"], masks=capture["masks"])
+    assert np.mean(np.einsum("ij,ij->i", r2.normals, r2.points) > 0) > 0.97
+    bad = dict(capture["masks"])
+    bad["left"] = bad["left"].copy()
+    bad["left"][0, 0] = not bad["left"][0, 0]
+    with pytest.raises(ValueError, match=r"masks\['left'\]: .* valid pixels, but the view has"):
+        fuse_views(capture["views"], masks=bad)
+    with pytest.raises(ValueError, match="masks: expected a dict"):
+        fuse_views(capture["views"], masks={"left": bad["left"]})
 
 
 def test_normals_without_viewpoints_point_away_from_head_centre(capture, fused):
@@ -318,3 +374,37 @@ def test_merge_two_offset_samplings_of_a_plane():
     np.testing.assert_allclose(m.colours[merged], 0.2, atol=1e-12)
     np.testing.assert_allclose(m.confidence[merged], 1 - 0.2 * 0.8)
     assert np.all(m.normals[:, 2] > 0.999)
+
+
+def test_organised_normals_of_a_sphere():
+    """Grid normals of an organised sphere cap against the analytic normal; invalid pixels NaN."""
+    R = 80.0
+    u = np.linspace(-30, 30, 121)
+    X, Y = np.meshgrid(u, u)
+    P = np.stack([X, Y, np.sqrt(R ** 2 - X ** 2 - Y ** 2)], axis=-1)
+    valid = np.hypot(X, Y) < 28
+    valid[60, 60] = False                       # a hole
+    P_in = P.copy()
+    n = organised_normals(P, valid, 2)
+    np.testing.assert_array_equal(P, P_in)
+    assert np.all(np.isnan(n[~valid])) and np.all(np.isfinite(n[valid]))
+    truth = P[valid] / R
+    cos = np.abs(np.einsum("ij,ij->i", n[valid], truth))
+    assert np.degrees(np.arccos(np.clip(cos.min(), -1, 1))) < 2.0
+    s = np.sign(np.einsum("ij,ij->i", n[valid], truth))
+    assert np.all(s == s[0])                      # one consistent sign over the grid
+    with pytest.raises(ValueError, match="valid: expected shape"):
+        organised_normals(P, valid[:-1])
+
+
+def test_voxel_average_weighted_means():
+    pts = np.array([[0.1, 0.1, 0.1], [0.3, 0.3, 0.3], [1.2, 0.1, 0.1]])
+    w = np.array([1.0, 3.0, 0.5])
+    col = np.array([[0.0, 0.0, 0.0], [np.nan, np.nan, np.nan], [1.0, 1.0, 1.0]])
+    P, wm, (C,), inv = voxel_average(pts, w, 1.0, [col])
+    assert P.shape == (2, 3) and inv.tolist() == [0, 0, 1]
+    np.testing.assert_allclose(P[0], [0.25, 0.25, 0.25])          # (1 * 0.1 + 3 * 0.3) / 4
+    np.testing.assert_allclose(wm, [2.0, 0.5])
+    np.testing.assert_allclose(C, [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # NaN rows ignored
+    with pytest.raises(ValueError, match="voxel_mm"):
+        voxel_average(pts, w, 0.0)
