@@ -22,8 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kernels.decode import DecodeParams
 from kernels.depth import DepthParams
+from kernels.fusion import FusionParams
 from kernels.gridmesh import GridMeshParams
 from kernels.landmarks import LandmarkParams
+from kernels.meshing import MeshingParams
 from kernels.synth.face import FaceModelParams
 from kernels.synth.rig import RigParams
 from kernels.synth.scanner import FringeParams, PhotometryParams
@@ -60,6 +62,9 @@ class StageParams(_Frozen):
     texture: TextureParams = Field(default_factory=TextureParams, description="Per-point colour (occlusion test).")
     mesh: GridMeshParams = Field(default_factory=GridMeshParams, description="Per-view grid mesh.")
     landmarks: LandmarkParams = Field(default_factory=LandmarkParams, description="2D -> 3D landmark lifting.")
+    fusion: FusionParams = Field(default_factory=FusionParams, description="Multi-view fusion (sample level).")
+    surface: MeshingParams = Field(default_factory=MeshingParams,
+                                   description="CVT surface mesh of the fused cloud (sample level).")
 
 
 class BuildConfig(_Frozen):

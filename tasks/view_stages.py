@@ -25,6 +25,7 @@ from kernels.landmarks import LandmarkParams, LandmarkStatus, lift_landmarks
 from kernels.texture import project_to_rgb, texture_map
 from kernels.texture import TextureParams
 from tasks.decode import SPEC as DECODE
+from tasks.sample_stages import FUSION, SURFACE
 from tasks.stage import Chain, Sources, StageSpec, Step
 
 
@@ -115,7 +116,10 @@ VIEW_STEPS = (Step(DECODE), Step(DEPTH, ("decode",)), Step(TEXTURE, ("decode", "
               Step(LANDMARKS, ("decode", "texture")))
 """Per-view stages in dependency order (fusion, meshing, registration append sample-level steps)."""
 
-SAMPLE_CHAIN = Chain("sample", VIEW_STEPS)
-"""One unit per sample: every view's stages (and, later, the sample-level ones)."""
+SAMPLE_STEPS = (Step(FUSION, ("decode", "texture", "landmarks")), Step(SURFACE, ("fusion",)))
+"""Sample-level stages (tasks/sample_stages.py): multi-view fusion, then the CVT surface mesh."""
+
+SAMPLE_CHAIN = Chain("sample", VIEW_STEPS + SAMPLE_STEPS)
+"""One unit per sample: every view's stages, then the sample-level ones (fusion, surface)."""
 VIEW_CHAIN = Chain("view", VIEW_STEPS)
-"""One unit per view (same stages; units of a finer grain)."""
+"""One unit per view (the view-level stages only; units of a finer grain, no sample-level stages)."""

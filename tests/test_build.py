@@ -16,9 +16,27 @@ import pytest
 
 from storage.store import open_store
 
-STAGES = ("decode", "depth", "texture", "mesh", "landmarks")
-DOWNSTREAM = {"decode": set(STAGES), "depth": {"depth", "texture", "landmarks"},
-              "texture": {"texture", "landmarks"}, "mesh": {"mesh"}, "landmarks": {"landmarks"}}
+VIEW_STAGES = ("decode", "depth", "texture", "mesh", "landmarks")
+SAMPLE_STAGES = ("fusion", "surface")
+STAGES = VIEW_STAGES + SAMPLE_STAGES
+DOWNSTREAM = {"decode": set(STAGES), "depth": {"depth", "texture", "landmarks", "fusion", "surface"},
+              "texture": {"texture", "landmarks", "fusion", "surface"}, "mesh": {"mesh"},
+              "landmarks": {"landmarks", "fusion", "surface"}, "fusion": {"fusion", "surface"},
+              "surface": {"surface"}}
+N_VIEWS = 3  # views per sample
+
+
+def stage_count(n_samples: int, stages=STAGES) -> int:
+    """Stage instances of ``n_samples`` samples: view-level stages once per view, sample-level once."""
+    return n_samples * sum(N_VIEWS if s in VIEW_STAGES else 1 for s in stages)
+
+
+def stage_params(**kw):
+    """Stage parameters of the tests: a small surface mesh (the tiny test views fuse to ~20k points)."""
+    from kernels.meshing import MeshingParams
+    from pixelface.config import StageParams
+
+    return StageParams(**{"surface": MeshingParams(target_vertices=3000), **kw})
 IGNORED = {"row_id", "build_id", "recorded_at", "flow_run_id", "started_at", "finished_at", "duration_s",
            "kernel_cpu_s", "outcome"}
 
@@ -62,6 +80,7 @@ def raw(raw_master, tmp_path):
 def kernel_calls(monkeypatch):
     """Count kernel calls (workers are threads of this process)."""
     import tasks.decode
+    import tasks.sample_stages
     import tasks.view_stages
 
     calls = Counter()
@@ -80,12 +99,15 @@ def kernel_calls(monkeypatch):
     counting(tasks.view_stages, "texture_map", "texture")
     counting(tasks.view_stages, "grid_mesh", "mesh")
     counting(tasks.view_stages, "lift_landmarks", "landmarks")
+    counting(tasks.sample_stages, "fuse_views", "fusion")
+    counting(tasks.sample_stages, "mesh_point_cloud", "surface")
     return calls
 
 
 def config(raw, store, cluster, **kw):
     from pixelface.config import BuildConfig
 
+    kw.setdefault("stages", stage_params())
     return BuildConfig(raw=str(raw), store=str(store), dask_address=cluster, **kw)
 
 
@@ -138,62 +160,80 @@ def test_build_then_identical_rebuild_is_all_cached(harness, cluster, raw, tmp_p
     store = tmp_path / "store"
     s1 = build(config(raw, store, cluster))
     assert s1.failed == 0 and len(s1.subjects) == 2
-    n_views = 2 * 2 * 3
-    assert s1.totals()["computed"] == n_views * len(STAGES)
-    assert kernel_calls == {s: n_views for s in STAGES}
+    n_samples, n_views = 2 * 2, 2 * 2 * 3
+    n_stages = stage_count(n_samples)
+    assert s1.totals()["computed"] == n_stages
+    assert kernel_calls == {s: n_views if s in VIEW_STAGES else n_samples for s in STAGES}
     st = open_store(store, create=False)
     # layout: arrays/<subject>/<sample>/<view>/<stage>/<key>.zarr with a manifest
     refs = st.artifacts.list()
-    assert len(refs) == n_views * len(STAGES)
+    assert len(refs) == n_stages
     for r in refs:
-        assert (store / "arrays" / r.subject / r.sample / r.view / r.stage / f"{r.key}.zarr" / "pixelface.json").is_file()
+        assert (r.view is None) == (r.stage in SAMPLE_STAGES)
+        assert (store / "arrays" / r.subject / r.sample / (r.view or "_sample") / r.stage / f"{r.key}.zarr"
+                / "pixelface.json").is_file()
     dec = [r for r in refs if r.stage == "decode"][0]
     got = st.artifacts.read(dec)
     assert got["points"].shape == (128, 160, 3) and got["points"].dtype == np.float32
     assert np.isfinite(got["points"]).any()
     lm = st.artifacts.read([r for r in refs if r.stage == "landmarks"][0])
     assert lm["points"].shape == (106, 3)
+    fu = st.artifacts.read([r for r in refs if r.stage == "fusion"][0])
+    n = fu["points"].shape[0]
+    assert n > 1000 and fu["normals"].shape == (n, 3) and fu["confidence"].shape == (n,)
+    assert fu["colours"].shape == (n, 3) and fu["landmarks"].shape == (106, 3)
+    assert fu["transforms"].shape == (3, 4, 4) and np.allclose(fu["transforms"][1], np.eye(4))  # middle = pivot
+    su = st.artifacts.read([r for r in refs if r.stage == "surface"][0])
+    assert abs(len(su["vertices"]) - 3000) < 100 and su["faces"].dtype == np.int32
     # catalog rows
     cat = st.catalog
     assert cat.read("subjects").num_rows == 2 and cat.read("samples").num_rows == 4
     runs = cat.read("stage_runs").to_pylist()
-    assert len(runs) == n_views * len(STAGES)
+    assert len(runs) == n_stages
     assert {r["status"] for r in runs} == {"completed"} and {r["outcome"] for r in runs} == {"computed"}
     for r in runs:
         assert len(r["artifact_key"]) == 40 and r["param_hash"] and r["code_version"] == "1"
-        assert dict(r["input_keys"]).keys() >= {"raw"} and r["duration_s"] >= 0
+        assert r["duration_s"] >= 0
+        if r["stage"] in VIEW_STAGES:
+            assert dict(r["input_keys"]).keys() >= {"raw"} and r["view_id"]
+        else:
+            assert r["view_id"] is None and "raw" not in dict(r["input_keys"])
     assert all(dict(r["qc"]).get("valid_fraction", 0) > 0.05 for r in runs if r["stage"] == "decode")
+    fqc = [dict(r["qc"]) for r in runs if r["stage"] == "fusion"]
+    assert all(q["n_landmarks"] > 50 and q["left_converged"] == 1 and q["right_converged"] == 1
+               and q["n_points"] > 1000 for q in fqc)
+    sqc = [dict(r["qc"]) for r in runs if r["stage"] == "surface"]
+    assert all(q["min_angle_30_fraction"] > 0.9 and q["n_vertices"] > 2900 and "holes" in q for q in sqc)
     assert all(n == 1 for n in (cat.n_parts("subjects"), cat.n_parts("samples"), cat.n_parts("stage_runs")))
     before, rows_before = write_ids(store), comparable(store)
 
     kernel_calls.clear()
     s2 = build(config(raw, store, cluster))
-    assert s2.failed == 0 and s2.totals()["cached"] == n_views * len(STAGES)
+    assert s2.failed == 0 and s2.totals()["cached"] == n_stages
     assert not kernel_calls  # no kernel ran
     units = {n: st for n, st in task_states(s2).items() if n.startswith("sample-")}
     assert len(units) == 4 and set(units.values()) == {"Cached"}  # one Prefect task per sample, a cache hit
     assert set(outcomes(str(store), s2.build_id).values()) == {"cached"}
     assert write_ids(store) == before  # nothing rewritten
     assert comparable(store) == rows_before  # identical catalog apart from run ids / times / outcome
-    assert cat.read("stage_runs").num_rows == 2 * n_views * len(STAGES)  # history kept
+    assert cat.read("stage_runs").num_rows == 2 * n_stages  # history kept
 
 
 def test_parameter_change_and_deletion_recompute_only_downstream(harness, cluster, raw, tmp_path, kernel_calls):
-    from pixelface.config import StageParams
     from kernels.texture import TextureParams
 
     store = tmp_path / "store"
     build(config(raw, store, cluster, subjects=["S0000"]))
-    n_views = 2 * 3
+    n_samples, n_views = 2, 2 * 3
 
     # one stage parameter: texture and its dependants only
     kernel_calls.clear()
     s = build(config(raw, store, cluster, subjects=["S0000"],
-                     stages=StageParams(texture=TextureParams(occlusion_tol_mm=1.5))))
+                     stages=stage_params(texture=TextureParams(occlusion_tol_mm=1.5))))
     got = outcomes(str(store), s.build_id)
     for (_, _, _, stage), outcome in got.items():
         assert outcome == ("computed" if stage in DOWNSTREAM["texture"] else "cached"), (stage, outcome)
-    assert kernel_calls == {"texture": n_views, "landmarks": n_views}
+    assert kernel_calls == {"texture": n_views, "landmarks": n_views, "fusion": n_samples, "surface": n_samples}
 
     # delete one artifact: it and its dependants (of that view only) are rebuilt
     st = open_store(store, create=False)
@@ -202,12 +242,12 @@ def test_parameter_change_and_deletion_recompute_only_downstream(harness, cluste
     assert st.artifacts.delete(victim)
     kernel_calls.clear()
     s = build(config(raw, store, cluster, subjects=["S0000"],
-                     stages=StageParams(texture=TextureParams(occlusion_tol_mm=1.5))))
+                     stages=stage_params(texture=TextureParams(occlusion_tol_mm=1.5))))
     got = outcomes(str(store), s.build_id)
     for (subj, sample, view, stage), outcome in got.items():
-        hit = (sample, view) == ("neutral", "left") and stage in DOWNSTREAM["depth"]
+        hit = sample == "neutral" and view in ("left", None) and stage in DOWNSTREAM["depth"]
         assert outcome == ("computed" if hit else "cached"), (sample, view, stage, outcome)
-    assert kernel_calls == {"depth": 1, "texture": 1, "landmarks": 1}
+    assert kernel_calls == {"depth": 1, "texture": 1, "landmarks": 1, "fusion": 1, "surface": 1}
     assert st.artifacts.exists(victim) and write_ids(store)[victim] != old_ids[victim]
 
 
@@ -229,7 +269,8 @@ def test_corrupt_samples_fail_clearly_others_complete(harness, cluster, raw, tmp
     assert units["sample-S0001-mouth_open"] == "Completed" and units["sample-S0000-neutral"] == "Failed"
     rows = open_store(store, create=False).catalog.read("stage_runs").to_pylist()
     failed = {(r["subject_id"], r["sample_id"], r["view_id"]) for r in rows if r["status"] == "failed"}
-    assert failed == {("S0000", "neutral", "left"), ("S0000", "mouth_open", "middle"), ("S0001", "neutral", "right")}
+    assert failed == {("S0000", "neutral", "left"), ("S0000", "mouth_open", "middle"), ("S0001", "neutral", "right"),
+                      ("S0000", "neutral", None), ("S0000", "mouth_open", None), ("S0001", "neutral", None)}
     errors = {(r["subject_id"], r["sample_id"], r["view_id"]): r["error"] for r in rows
               if r["outcome"] == "failed"}
     assert "fringe_f1_n2.png" in errors[("S0000", "neutral", "left")]
@@ -239,8 +280,13 @@ def test_corrupt_samples_fail_clearly_others_complete(harness, cluster, raw, tmp
     assert "expected 106 landmark rows" in errors[("S0001", "neutral", "right")]
     assert all(r["stage"] == "decode" for r in rows if r["outcome"] == "failed")
     assert {r["stage"] for r in rows if r["outcome"] == "upstream_failed"} == set(STAGES) - {"decode"}
+    # a sample with a failed view decode: its fusion (and surface) are upstream_failed, not run
+    up = {(r["subject_id"], r["sample_id"], r["stage"]) for r in rows if r["outcome"] == "upstream_failed"
+          and r["stage"] in SAMPLE_STAGES}
+    assert up == {(s, smp, st) for s, smp in (("S0000", "neutral"), ("S0000", "mouth_open"), ("S0001", "neutral"))
+                  for st in SAMPLE_STAGES}
     ok = [r for r in rows if r["status"] == "completed"]
-    assert len(ok) == (12 - 3) * len(STAGES)
+    assert len(ok) == (12 - 3) * len(VIEW_STAGES) + 1 * len(SAMPLE_STAGES)
     samples = {(r["subject_id"], r["sample_id"]): r["status"]
                for r in open_store(store, create=False).catalog.read("samples").to_pylist()}
     assert samples == {("S0000", "neutral"): "failed", ("S0000", "mouth_open"): "failed",
@@ -255,8 +301,10 @@ def test_cli_exit_code_says_partial_failure(harness, cluster, raw, tmp_path, cap
 
     (raw / "S0001" / "neutral" / "right" / "calibration.json").unlink()
     store = tmp_path / "store"
+    conf = tmp_path / "stages.yaml"  # the tiny test views need a small surface mesh
+    conf.write_text("build:\n  stages:\n    surface:\n      target_vertices: 3000\n")
     args = ["--raw", str(raw), "--store", str(store), "--dask-address", cluster, "--quiet", "--json",
-            "--prefect-home", str(tmp_path / "prefect")]
+            "--prefect-home", str(tmp_path / "prefect"), "--config", str(conf)]
     assert main(args + ["--subjects", "S0000"]) == 0
     assert main(args) == 1
     assert main(["--raw", str(tmp_path / "nope"), "--store", str(store)]) == 2
@@ -268,7 +316,6 @@ def test_chain_unit_shares_arrays_in_memory_and_reuses_per_stage(raw, kernel_cal
     """A unit without Prefect (``run_chain``): computed arrays feed dependants from memory; per-stage
     reuse picks out the changed stage and its dependants; keys do not depend on the unit's grain."""
     from kernels.texture import TextureParams
-    from pixelface.config import StageParams
     from storage.store import memory_store
     from tasks.stage import Target, run_chain, unit_cache_key
     from tasks.view_stages import SAMPLE_CHAIN, VIEW_CHAIN
@@ -278,22 +325,23 @@ def test_chain_unit_shares_arrays_in_memory_and_reuses_per_stage(raw, kernel_cal
     monkeypatch.setattr(st.artifacts, "read", lambda ref, names=None: reads.append(ref.stage) or read(ref, names))
     views = ("left", "middle", "right")
     t = Target(raw=str(raw), store="memory", subject="S0000", sample="neutral", views=views)
-    rec = run_chain(SAMPLE_CHAIN, t, StageParams(), store=st)
-    assert [(s.stage, s.outcome) for s in rec.stages] == [(n, "computed") for n in STAGES for _ in views]
-    assert kernel_calls == {s: 3 for s in STAGES} and not reads  # nothing read back from the store
+    rec = run_chain(SAMPLE_CHAIN, t, stage_params(), store=st)
+    assert [(s.stage, s.outcome) for s in rec.stages] == [(n, "computed") for n in STAGES
+                                                          for _ in (views if n in VIEW_STAGES else (None,))]
+    assert kernel_calls == {s: 3 if s in VIEW_STAGES else 1 for s in STAGES} and not reads  # nothing read back
     assert all(s.write_id and s.kernel_cpu_s > 0 for s in rec.stages)
 
     kernel_calls.clear()
-    changed = StageParams(texture=TextureParams(occlusion_tol_mm=1.5))
-    assert unit_cache_key(SAMPLE_CHAIN, t, changed)[0] != unit_cache_key(SAMPLE_CHAIN, t, StageParams())[0]
+    changed = stage_params(texture=TextureParams(occlusion_tol_mm=1.5))
+    assert unit_cache_key(SAMPLE_CHAIN, t, changed)[0] != unit_cache_key(SAMPLE_CHAIN, t, stage_params())[0]
     rec = run_chain(SAMPLE_CHAIN, t, changed, store=st)
     assert {(s.stage, s.outcome) for s in rec.stages} == {
         (n, "computed" if n in DOWNSTREAM["texture"] else "cached") for n in STAGES}
-    assert kernel_calls == {"texture": 3, "landmarks": 3}
+    assert kernel_calls == {"texture": 3, "landmarks": 3, "fusion": 1, "surface": 1}
     assert set(reads) == {"decode", "depth"}  # only inputs of the rerun stages that were not computed here
 
     kernel_calls.clear()
     one = run_chain(VIEW_CHAIN, Target(raw=str(raw), store="memory", subject="S0000", sample="neutral",
                                        view="left"), changed, store=st)
-    assert [s.outcome for s in one.stages] == ["cached"] * len(STAGES) and not kernel_calls
+    assert [s.outcome for s in one.stages] == ["cached"] * len(VIEW_STAGES) and not kernel_calls
     assert {s.key for s in one.stages} <= {s.key for s in rec.stages}

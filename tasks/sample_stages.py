@@ -1,0 +1,112 @@
+"""Sample-level stages (one instance per sample, after the view-level stages of every view).
+
+Graph (``<stage>/<view>`` = the view-level output of each view of the sample)::
+
+    decode/<v>, texture/<v>, landmarks/<v>  ─►  fusion  ─►  surface
+
+* ``fusion``: multi-view fusion (:func:`kernels.fusion.fuse_views`, pivot ``middle``) of the
+  decoded points of every view (``decode``: ``points``, ``confidence``; valid pixels are
+  ``flags == 0`` with finite points and confidence, passed as ``masks=`` so the per-view normals
+  come from the image grid), their colours (``texture``: ``colors``, NaN where unseen) and
+  lifted landmarks (``landmarks``: ``points`` where ``status == OK``), the IR camera centres
+  of the raw calibration as ``viewpoints``. Arrays: ``points`` (m, 3) float32 mm (pivot frame),
+  ``normals`` (m, 3) float32, ``confidence`` (m,) float32, ``colours`` (m, 3) float32 (NaN
+  rows unknown; present when some view had colours), ``n_views`` (m,) uint8, ``landmarks``
+  (106, 3) float64 (NaN rows where no view lifted one), ``landmark_n_views`` (106,) uint8,
+  ``transforms`` (n_views, 4, 4) float64 (view -> pivot, in the order of ``Target.views``).
+  QC: per side view ``<v>_fitness``, ``<v>_rmse_mm`` (ICP inlier RMSE), ``<v>_converged`` (0/1),
+  ``<v>_correction_deg`` / ``<v>_correction_mm``; ``n_points``, ``n_landmarks``,
+  ``landmark_spread_mm``, ``spacing_mm``.
+* ``surface``: CVT mesh of the fused cloud (:func:`kernels.meshing.mesh_point_cloud`,
+  ``MeshingParams.target_vertices``, default 100k; small test views need a smaller target,
+  the kernel requires at least ``max(1000, target_vertices // 4)`` points) -> ``vertices``
+  (n, 3) float32 mm, ``faces`` (k, 3) int32. QC: ``min_angle_30_fraction``, ``n_vertices``,
+  ``n_faces``, ``holes``, ``hole_area_mm2``, ``meshing_s``.
+
+Neither stage reads raw files through its key: ``fusion`` reads the raw calibration only for
+the camera centres, and every view's ``decode`` key already hashes the raw view.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.fusion import FusionParams, fuse_views
+from kernels.landmarks import LandmarkStatus
+from kernels.meshing import MeshingParams, mesh_point_cloud
+from tasks.stage import Sources, StageSpec
+
+PIVOT = "middle"
+
+
+# -- fusion --------------------------------------------------------------------------------------
+
+def _fusion_load(src: Sources, params):
+    names = tuple(src.raw.target.unit_views)
+    views, masks, vps = {}, {}, {}
+    for v in names:
+        d = src.arrays(f"decode/{v}", ["points", "confidence", "flags"])
+        P, C = d["points"], d["confidence"]
+        valid = (d["flags"] == 0) & np.isfinite(P).all(axis=-1) & np.isfinite(C)
+        col = src.arrays(f"texture/{v}", ["colors"])["colors"]
+        lm = src.arrays(f"landmarks/{v}", ["points", "status"])
+        L = np.where((lm["status"] == LandmarkStatus.OK)[:, None], lm["points"], np.nan).astype(np.float64)
+        views[v] = (P[valid].astype(np.float64), np.clip(C[valid].astype(np.float64), 0.0, 1.0),
+                    col[valid].astype(np.float64), L)
+        masks[v] = valid
+        vps[v] = np.asarray(src.raw.calibration(v).ir.center, dtype=np.float64)
+    return dict(views=views, masks=masks, viewpoints=vps, names=names)
+
+
+def _fusion_kernel(params: FusionParams | None, views, masks, viewpoints, names):
+    pivot = PIVOT if PIVOT in views else names[len(names) // 2]
+    r = fuse_views(views, pivot, params if params is not None else FusionParams(), viewpoints=viewpoints,
+                   masks=masks)
+    return r, names
+
+
+def _fusion_pack(out):
+    r, names = out
+    arrays = {"points": r.points.astype(np.float32), "normals": r.normals.astype(np.float32),
+              "confidence": r.confidence.astype(np.float32), "n_views": r.n_views.astype(np.uint8),
+              "landmarks": np.asarray(r.landmarks, dtype=np.float64),
+              "landmark_n_views": r.landmark_n_views.astype(np.uint8),
+              "transforms": np.stack([r.transforms[n] for n in names]).astype(np.float64)}
+    if r.colours is not None:
+        arrays["colours"] = r.colours.astype(np.float32)
+    qc = {"n_points": r.qc["n_points"], "n_landmarks": r.qc["n_landmarks"],
+          "landmark_spread_mm": r.qc["landmark_spread_mm"], "spacing_mm": r.qc["spacing_mm"]}
+    for n in names:
+        if n == r.pivot:
+            continue
+        qc.update({f"{n}_fitness": r.qc[f"{n}_fitness"], f"{n}_rmse_mm": r.qc[f"{n}_inlier_rmse_mm"],
+                   f"{n}_converged": float(bool(r.converged[n])),
+                   f"{n}_correction_deg": r.qc[f"{n}_correction_deg"],
+                   f"{n}_correction_mm": r.qc[f"{n}_correction_mm"]})
+    qc = {k: float(v) for k, v in qc.items()}
+    return arrays, {k: v for k, v in qc.items() if np.isfinite(v)}
+
+
+# -- surface -------------------------------------------------------------------------------------
+
+def _surface_load(src: Sources, params):
+    f = src.arrays("fusion", ["points", "normals"])
+    P, N = f["points"].astype(np.float64), f["normals"].astype(np.float64)
+    ok = np.isfinite(P).all(axis=1) & np.isfinite(N).all(axis=1) & (np.linalg.norm(N, axis=1) > 0)
+    return dict(points=P[ok], normals=N[ok])
+
+
+def _surface_kernel(params: MeshingParams | None, points, normals):
+    return mesh_point_cloud(points, normals, params if params is not None else MeshingParams())
+
+
+def _surface_pack(m):
+    q = m.quality
+    return ({"vertices": np.asarray(m.vertices, dtype=np.float32), "faces": np.asarray(m.faces, dtype=np.int32)},
+            {"min_angle_30_fraction": float(q["frac_min_angle_ok"]), "n_vertices": float(q["n_vertices"]),
+             "n_faces": float(q["n_faces"]), "holes": float(q["n_holes"]),
+             "hole_area_mm2": float(q["hole_area_mm2"]), "meshing_s": float(q["meshing_s"])})
+
+
+FUSION = StageSpec("fusion", "1", "sample", False, _fusion_load, _fusion_kernel, _fusion_pack)
+SURFACE = StageSpec("surface", "1", "sample", False, _surface_load, _surface_kernel, _surface_pack)
