@@ -2,8 +2,8 @@
 
 Today: synthesise a small dataset (``pixelface/demo.yaml``: 8 subjects x 6 expressions,
 640x512 cameras), build it with the orchestrated pipeline (Prefect flows on a Dask
-LocalCluster: decode -> depth -> texture -> per-view mesh -> landmark lifting, into a
-Zarr + Parquet store), build it a second time to show that every stage is cached, and
+LocalCluster: per view decode -> depth -> texture -> per-view mesh -> landmark lifting,
+then per sample fusion and the surface mesh, into a Zarr + Parquet store), build it a second time to show that every stage is cached, and
 print a summary of the stage-run table. Later stages append themselves here as they land.
 """
 
