@@ -40,6 +40,8 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")  # one core: BLAS / OpenMP must not spawn threads
 
 import argparse  # noqa: E402
+
+from benchmarks._report import format_table  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
@@ -215,11 +217,7 @@ def _table(res: dict) -> str:
             ("normals_outward_fraction", ""), ("n_points_in", ""), ("n_points_out", ""), ("spacing_mm", "mm"),
             ("naive_icp_s", "s"), ("naive_icp_ratio", "x"), ("naive_rot_err_deg", "deg"),
             ("naive_trans_err_mm", "mm")]
-    lines = [f"fusion benchmark ({res['size']}, cpu {res['cpu_affinity']})"]
-    for k, u in rows:
-        v = res[k]
-        lines.append(f"  {k:<26} {v:>12.4g} {u}" if isinstance(v, float) else f"  {k:<26} {v:>12} {u}")
-    return "\n".join(lines)
+    return format_table(f"fusion benchmark ({res['size']}, cpu {res['cpu_affinity']})", res, rows)
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,8 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")  # one core: BLAS / OpenMP must not spawn threads
 
 import argparse  # noqa: E402
+
+from benchmarks._report import format_table  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
@@ -118,11 +120,7 @@ def _table(res: dict) -> str:
             ("gt_to_mesh_mean_mm", "mm"), ("gt_to_mesh_p99_mm", "mm"), ("min_angle_30_fraction", ""),
             ("n_vertices", ""), ("n_faces", ""), ("n_holes", ""), ("n_points_in", ""), ("n_points_fused", ""),
             ("n_gt_in_region", "")]
-    lines = [f"fusion + meshing benchmark ({res['size']}, cpu {res['cpu_affinity']})"]
-    for k, u in rows:
-        v = res[k]
-        lines.append(f"  {k:<24} {v:>12.4g} {u}" if isinstance(v, float) else f"  {k:<24} {v:>12} {u}")
-    return "\n".join(lines)
+    return format_table(f"fusion + meshing benchmark ({res['size']}, cpu {res['cpu_affinity']})", res, rows)
 
 
 def main(argv=None) -> int:
