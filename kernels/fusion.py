@@ -69,6 +69,12 @@ class FusionParams:
         a 100k-vertex face mesh; 0 = keep every point). Measured at full size
         (benchmarks/fusion.py): 0.7 -> 2.7 s, RMS to GT 0.070 mm, 208k points; 0.5 ->
         3.3 s, 0.063 mm, 374k points; 0 (no averaging) -> 0.057 mm.
+    min_view_points : int
+        A side view with fewer valid points than this (default 500; e.g. a view that is
+        entirely masked because its projector or camera failed) is dropped: the sample is
+        fused from the remaining views, the dropped view gets a NaN transform,
+        ``converged[view] = False`` and ``qc["<view>_dropped"] = 1``. A pivot view with
+        fewer points is an error (it defines the frame and the ICP target).
     """
 
     coarse: CoarseParams = field(default_factory=CoarseParams)
@@ -77,6 +83,7 @@ class FusionParams:
     icp_on_fallback: bool = True
     seed: int = 0
     view_voxel_mm: float = 0.7
+    min_view_points: int = 500
 
     def __post_init__(self):
         for name, cls in (("coarse", CoarseParams), ("icp", IcpParams), ("merge", MergeParams)):
@@ -90,6 +97,9 @@ class FusionParams:
         if isinstance(self.view_voxel_mm, bool) or not isinstance(self.view_voxel_mm, (int, float, np.floating)) \
                 or not np.isfinite(self.view_voxel_mm) or self.view_voxel_mm < 0:
             raise ValueError(f"FusionParams.view_voxel_mm: expected a finite number >= 0, got {self.view_voxel_mm!r}")
+        if isinstance(self.min_view_points, bool) or not isinstance(self.min_view_points, (int, np.integer)) \
+                or self.min_view_points < 1:
+            raise ValueError(f"FusionParams.min_view_points: expected an int >= 1, got {self.min_view_points!r}")
 
 
 @dataclass(frozen=True)
@@ -101,9 +111,9 @@ class FusionResult:
     pivot : str
     transforms : dict of str to (4, 4) float64
         Per view, input frame -> pivot frame (``x_p = T[:3, :3] @ x + T[:3, 3]``, mm);
-        the identity for the pivot.
+        the identity for the pivot; all NaN for a dropped view (too few points).
     coarse : dict of str to CoarseAlignment
-        Landmark alignment of each side view.
+        Landmark alignment of each side view that was not dropped.
     icp : dict of str to IcpResult or None
         ICP of each side view (None when it was not run: fallback with
         ``icp_on_fallback = False``).
@@ -231,7 +241,9 @@ def fuse_views(views: dict, pivot: str = "middle", params: FusionParams = Fusion
     ValueError
         ``views`` empty or not a dict, ``pivot`` not a view, a view malformed (NaN or
         infinite points, confidence outside [0, 1], wrong shapes), bad ``viewpoints`` or
-        ``masks`` (not (H, W) bool, or a count of True pixels other than the view's points).
+        ``masks`` (not (H, W) bool, or a count of True pixels other than the view's points),
+        a pivot view with fewer than ``params.min_view_points`` points. A side view with
+        too few points is dropped, not an error (see ``FusionParams.min_view_points``).
     """
     if not isinstance(views, dict) or not views:
         raise ValueError(f"views: expected a non-empty dict of name -> view, got {type(views).__name__}")
@@ -250,8 +262,13 @@ def fuse_views(views: dict, pivot: str = "middle", params: FusionParams = Fusion
             raise ValueError(f"masks: expected a dict with the keys {sorted(views)}")
         masks = {k: _check_mask(k, masks[k], data[k][0].shape[0]) for k in views}
 
-    names = list(views)
     n_input = int(sum(d[0].shape[0] for d in data.values()))
+    if data[pivot][0].shape[0] < params.min_view_points:
+        raise ValueError(f"views[{pivot!r}]: the pivot view has {data[pivot][0].shape[0]} valid points, fewer "
+                         f"than min_view_points={params.min_view_points}; cannot fuse without it")
+    n_view_points = {n: int(data[n][0].shape[0]) for n in views}
+    dropped = [n for n in views if n != pivot and n_view_points[n] < params.min_view_points]
+    names = [n for n in views if n not in dropped]
     centroid = {n: data[n][0].mean(axis=0) if data[n][0].shape[0] else np.zeros(3) for n in names}
     # per view: grid normals (when organised), then voxel means (ICP and the merge work on these)
     nrm = {n: None for n in names}
@@ -277,7 +294,12 @@ def fuse_views(views: dict, pivot: str = "middle", params: FusionParams = Fusion
     Pp, _, _, Lp = data[pivot]
     transforms = {pivot: np.eye(4)}
     coarse, icp, conv = {}, {}, {}
-    qc: dict = {}
+    qc: dict = {"n_views_used": len(names)}
+    for name in dropped:
+        transforms[name] = np.full((4, 4), np.nan)
+        conv[name] = False
+        qc[f"{name}_dropped"] = 1
+        qc[f"{name}_n_points"] = n_view_points[name]
     for name in names:
         if name == pivot:
             continue

@@ -71,6 +71,14 @@ class MeshingParams:
         holes.
     trim_factor : float
         See ``trim_mm`` (default 2).
+    border_trim_factor : float or None
+        Second, fine trim (default 2.5): after the support mesh is subdivided for ACVD,
+        its vertices farther than this times the mean nearest-neighbour spacing of the
+        full cloud (~0.5 mm at full size) are removed. The coarse trim above works at
+        the Poisson cell size (~1.6 mm), so on its own it lets the surface run up to
+        ``trim_mm`` past the data at the scan border, where Poisson extrapolates (a
+        1.6 mm mesh->GT 99th percentile at full size); the fine trim cuts the border
+        back to the data. ``None`` disables it.
     min_component_frac : float
         Support-mesh components with fewer faces than this fraction of the largest are
         removed (default 0.01).
@@ -94,6 +102,7 @@ class MeshingParams:
     poisson_depth: int = 7
     trim_mm: float | None = None
     trim_factor: float = 2.0
+    border_trim_factor: float | None = 2.5
     min_component_frac: float = 0.01
     subdivide_ratio: float = 3.0
     acvd_max_iter: int = 50
@@ -113,6 +122,8 @@ class MeshingParams:
         if self.trim_mm is not None:
             check_positive(self.trim_mm, "MeshingParams.trim_mm")
         check_positive(self.trim_factor, "MeshingParams.trim_factor")
+        if self.border_trim_factor is not None:
+            check_positive(self.border_trim_factor, "MeshingParams.border_trim_factor")
         check_positive(self.subdivide_ratio, "MeshingParams.subdivide_ratio")
         if not 0.0 <= self.min_component_frac < 1.0:
             raise ValueError(f"MeshingParams.min_component_frac: expected [0, 1), got {self.min_component_frac}")
@@ -305,17 +316,36 @@ def _keep_faces(V, F, keep_v, min_component_frac):
     F = F[np.all(keep_v[F], axis=1)]
     if len(F) == 0:
         return V[:0], F
-    nf = len(F)
-    # face-vertex incidence -> components of faces
-    rows = np.repeat(np.arange(nf), 3)
-    A = sparse.coo_matrix((np.ones(3 * nf), (rows, F.reshape(-1))), shape=(nf, len(V))).tocsr()
-    _, lab = connected_components(A @ A.T, directed=False)
-    sizes = np.bincount(lab)
+    # components of the vertex graph of the kept faces (faces sharing a vertex are connected)
+    nv = len(V)
+    A = sparse.coo_matrix((np.ones(2 * len(F)), (np.concatenate([F[:, 0], F[:, 1]]),
+                                                np.concatenate([F[:, 1], F[:, 2]]))), shape=(nv, nv)).tocsr()
+    _, vlab = connected_components(A, directed=False)
+    lab = vlab[F[:, 0]]
+    sizes = np.bincount(lab)                                 # faces per component
     F = F[sizes[lab] >= min_component_frac * sizes.max()]
-    used = np.unique(F)
+    used = _used_vertices(F, len(V))
     remap = np.full(len(V), -1, np.int64)
     remap[used] = np.arange(len(used))
     return V[used], remap[F]
+
+
+def _used_vertices(F: np.ndarray, n: int) -> np.ndarray:
+    """Sorted ids of the vertices that ``F`` references (bincount: np.unique's hash path is slow here)."""
+    return np.flatnonzero(np.bincount(np.asarray(F).reshape(-1), minlength=n))
+
+
+def _subdivide(V, F, nsub: int):
+    """Linear 1-to-4 subdivision, ``nsub`` times (edge midpoints shared between faces)."""
+    for _ in range(nsub):
+        uniq, _, inv = _edges(F)
+        mid = 0.5 * (V[uniq[:, 0]] + V[uniq[:, 1]])
+        e = (inv.reshape(3, len(F)) + len(V)).T        # midpoint of edge (0,1), (1,2), (2,0)
+        a, b, c = F[:, 0], F[:, 1], F[:, 2]
+        ab, bc, ca = e[:, 0], e[:, 1], e[:, 2]
+        F = np.concatenate([np.column_stack(t) for t in ((a, ab, ca), (ab, b, bc), (ca, bc, c), (ab, bc, ca))])
+        V = np.vstack([V, mid])
+    return V, F
 
 
 def _manifold_faces(F):
@@ -366,7 +396,7 @@ def _dual_mesh(X, T, labels, area):
     key = (Ls[:, 0] * nc + Ls[:, 1]) * nc + Ls[:, 2]
     _, first = np.unique(key, return_index=True)
     F = L[np.sort(first)]
-    used = np.unique(F)
+    used = _used_vertices(F, nc)
     remap = np.full(nc, -1, np.int64)
     remap[used] = np.arange(len(used))
     return C[used], remap[F]
@@ -478,21 +508,37 @@ def mesh_point_cloud(points, normals, params: MeshingParams = MeshingParams()) -
                          f"trim_mm={trim:.3g} mm of the cloud; check the normal orientation")
     t1 = time.perf_counter()
 
-    # ACVD: subdivide the support mesh, cluster into target_vertices cells, take the dual
-    faces_pv = np.hstack([np.full((len(Fs), 1), 3, np.int64), Fs]).reshape(-1)
+    # ACVD: subdivide the support mesh, trim its border to the data at the fine scale,
+    # cluster into target_vertices cells, take the dual
     nsub = 0
     while len(Vs) * 4 ** nsub < params.subdivide_ratio * params.target_vertices and nsub < 4:
         nsub += 1
+    uniq, count, _ = _edges(Fs)
+    rim = Vs[np.unique(uniq[count == 1])]           # border vertices of the coarse support
+    if nsub:
+        Vs, Fs = _subdivide(Vs, Fs, nsub)
+    border_trim = float("nan")
+    if params.border_trim_factor is not None and len(rim):
+        d_all, _ = tree.query(P[:: max(1, len(P) // 20000)], k=2)
+        border_trim = params.border_trim_factor * float(np.mean(d_all[:, 1]))
+        # only within trim_mm of the border: sparse gaps inside the data stay bridged
+        near_rim = np.flatnonzero(np.isfinite(cKDTree(rim).query(Vs, k=1, distance_upper_bound=trim)[0]))
+        dist, _ = tree.query(Vs[near_rim], k=1, distance_upper_bound=border_trim)
+        keep = np.ones(len(Vs), bool)
+        keep[near_rim[~np.isfinite(dist)]] = False
+        Vs, Fs = _keep_faces(Vs, Fs, keep, params.min_component_frac)
+        if len(Fs) == 0:
+            raise ValueError("points/normals: the support surface has no part within "
+                             f"{border_trim:.3g} mm of the cloud; check the normal orientation")
+    faces_pv = np.hstack([np.full((len(Fs), 1), 3, np.int64), Fs]).reshape(-1)
     with warnings.catch_warnings():   # pyacvd 0.4 uses a PolyData accessor pyvista 0.49 deprecates
         warnings.filterwarnings("ignore", module="pyacvd")
         clus = pyacvd.Clustering(pv.PolyData(Vs, faces_pv))
-        if nsub:
-            clus.subdivide(nsub)
         labels = clus.cluster(params.target_vertices, maxiter=params.acvd_max_iter)
     V, F = _dual_mesh(np.asarray(clus.mesh.points, dtype=np.float64),
                       np.asarray(clus.mesh.faces).reshape(-1, 4)[:, 1:], labels, clus.area)
     F = _manifold_faces(F)
-    used = np.unique(F)
+    used = _used_vertices(F, len(V))
     remap = np.full(len(V), -1, np.int64)
     remap[used] = np.arange(len(used))
     V, F = V[used], remap[F]
@@ -510,7 +556,7 @@ def mesh_point_cloud(points, normals, params: MeshingParams = MeshingParams()) -
     q = mesh_quality(V, F)
     t4 = time.perf_counter()
     q.update({
-        "trim_mm": float(trim), "support_vertices": int(len(Vs)), "n_clusters": int(clus.nclus),
+        "trim_mm": float(trim), "border_trim_mm": border_trim, "support_vertices": int(len(Vs)), "n_clusters": int(clus.nclus),
         "n_subdivisions": int(nsub), "n_misoriented": int(min(flip.sum(), len(F) - flip.sum())),
         "poisson_s": t1 - t0, "cvt_s": t2 - t1, "project_s": t3 - t2, "meshing_s": t3 - t0,
         "quality_s": t4 - t3,

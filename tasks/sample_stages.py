@@ -16,7 +16,9 @@ Graph (``<stage>/<view>`` = the view-level output of each view of the sample)::
   ``transforms`` (n_views, 4, 4) float64 (view -> pivot, in the order of ``Target.views``).
   QC: per side view ``<v>_fitness``, ``<v>_rmse_mm`` (ICP inlier RMSE), ``<v>_converged`` (0/1),
   ``<v>_correction_deg`` / ``<v>_correction_mm``; ``n_points``, ``n_landmarks``,
-  ``landmark_spread_mm``, ``spacing_mm``.
+  ``landmark_spread_mm``, ``spacing_mm``, ``n_views_used``. A side view with too few valid points
+  (e.g. entirely masked) is dropped (``<v>_dropped`` = 1, NaN transform) and the sample is fused
+  from the others; an empty pivot view fails the sample with a ValueError naming it.
 * ``surface``: CVT mesh of the fused cloud (:func:`kernels.meshing.mesh_point_cloud`,
   ``MeshingParams.target_vertices``, default 100k; small test views need a smaller target,
   the kernel requires at least ``max(1000, target_vertices // 4)`` points) -> ``vertices``
@@ -76,8 +78,12 @@ def _fusion_pack(out):
         arrays["colours"] = r.colours.astype(np.float32)
     qc = {"n_points": r.qc["n_points"], "n_landmarks": r.qc["n_landmarks"],
           "landmark_spread_mm": r.qc["landmark_spread_mm"], "spacing_mm": r.qc["spacing_mm"]}
+    qc["n_views_used"] = r.qc["n_views_used"]
     for n in names:
         if n == r.pivot:
+            continue
+        if r.qc.get(f"{n}_dropped"):
+            qc[f"{n}_dropped"] = 1.0
             continue
         qc.update({f"{n}_fitness": r.qc[f"{n}_fitness"], f"{n}_rmse_mm": r.qc[f"{n}_inlier_rmse_mm"],
                    f"{n}_converged": float(bool(r.converged[n])),
@@ -108,5 +114,5 @@ def _surface_pack(m):
              "hole_area_mm2": float(q["hole_area_mm2"]), "meshing_s": float(q["meshing_s"])})
 
 
-FUSION = StageSpec("fusion", "1", "sample", False, _fusion_load, _fusion_kernel, _fusion_pack)
-SURFACE = StageSpec("surface", "1", "sample", False, _surface_load, _surface_kernel, _surface_pack)
+FUSION = StageSpec("fusion", "2", "sample", False, _fusion_load, _fusion_kernel, _fusion_pack)
+SURFACE = StageSpec("surface", "2", "sample", False, _surface_load, _surface_kernel, _surface_pack)

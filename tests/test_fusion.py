@@ -336,6 +336,32 @@ def test_side_view_with_too_few_landmarks_falls_back(capture):
         assert rotation_angle_deg(r2.transforms["left"][:3, :3] @ G[:3, :3].T) <= 0.05
 
 
+def test_entirely_masked_side_view_is_dropped(capture):
+    """A failed side view (no valid pixel): fused from the other two, flagged; an empty pivot is an error."""
+    views, masks, vps = dict(capture["views"]), dict(capture["masks"]), capture["vps"]
+    lm_nan = np.full((106, 3), np.nan)
+    views["left"] = (np.zeros((0, 3)), np.zeros(0), np.zeros((0, 3)), lm_nan)
+    masks["left"] = np.zeros_like(masks["left"])
+    r = fuse_views(views, viewpoints=vps, masks=masks)
+    assert r.qc["left_dropped"] == 1 and r.qc["n_views_used"] == 2
+    assert not r.converged["left"] and np.isnan(r.transforms["left"]).all()
+    assert r.converged["right"]
+    G = capture["gt_T"]["right"]
+    assert rotation_angle_deg(r.transforms["right"][:3, :3] @ G[:3, :3].T) <= 0.05
+    d = _dist(capture["rc"], r.points)
+    assert np.sqrt(np.mean(d ** 2)) <= 0.10
+    assert not np.any(r.n_views > 2)
+    # landmarks: present exactly where the middle or right view lifted them
+    seen = np.isfinite(capture["views"]["middle"][3][:, 0]) | np.isfinite(capture["views"]["right"][3][:, 0])
+    np.testing.assert_array_equal(np.isfinite(r.landmarks[:, 0]), seen)
+    # a view with a handful of points is dropped the same way
+    pts, conf, col, lm = capture["views"]["right"]
+    few = {**capture["views"], "right": (pts[:10], conf[:10], col[:10], lm)}
+    assert fuse_views(few).qc["right_dropped"] == 1
+    with pytest.raises(ValueError, match=r"views\['middle'\]: the pivot view has 0 valid points"):
+        fuse_views({**capture["views"], "middle": (np.zeros((0, 3)), np.zeros(0), None, lm_nan)})
+
+
 def test_input_validation(capture):
     views = dict(capture["views"])
     pts = views["left"][0].copy()
