@@ -119,6 +119,13 @@ def synthesize_subject(cfg: SynthConfig, subject_id: str, raw_root: Path, gt_roo
     return n
 
 
+def _check_separate(raw_root: Path, gt_root: Path) -> None:
+    """Refuse a ground-truth tree that is, contains or lies inside the raw tree."""
+    r, g = raw_root.resolve(), gt_root.resolve()
+    if r == g or g in r.parents or r in g.parents:
+        raise ValueError(f"ground truth ({gt_root}) must be a separate tree from the raw captures ({raw_root})")
+
+
 def _subject_job(args) -> tuple[str, int]:
     cfg, sid, raw_root, gt_root, overwrite = args
     return sid, synthesize_subject(cfg, sid, raw_root, gt_root, overwrite)
@@ -142,9 +149,7 @@ def synthesize(cfg: SynthConfig, raw_root: str | os.PathLike, gt_root: str | os.
         Called as ``on_subject(subject_id, n_samples)`` when a subject is complete.
     """
     raw_root, gt_root = Path(raw_root), Path(gt_root)
-    if raw_root.resolve() == gt_root.resolve() or gt_root.resolve() in raw_root.resolve().parents \
-            or raw_root.resolve() in gt_root.resolve().parents:
-        raise ValueError(f"ground truth ({gt_root}) must be a separate tree from the raw captures ({raw_root})")
+    _check_separate(raw_root, gt_root)
     raw.init_root(raw_root)
     gtw.init_gt_root(gt_root)
     ids = subject_ids(cfg.subjects)
@@ -188,10 +193,20 @@ def scan_mesh_file(cfg: SynthConfig, mesh_path: str | os.PathLike, landmarks_pat
     names = {e.name: e for e in EXPRESSIONS}
     if expression not in names:
         raise ValueError(f"expression: unknown {expression!r}; expected one of {sorted(names)}")
-    if gender not in raw.GENDERS:
-        raise ValueError(f"gender: expected one of {raw.GENDERS}, got {gender!r}")
     if not 0.0 < ir_albedo <= 1.0:
         raise ValueError(f"ir_albedo: must be in (0, 1], got {ir_albedo}")
+    raw_root, gt_root = Path(raw_root), Path(gt_root)
+    _check_separate(raw_root, gt_root)
+    # everything is validated before anything is written (SubjectMeta checks gender and age)
+    subject_meta = raw.SubjectMeta(subject_id, gender, age, assign_split(subject_id, cfg.eval_fraction))
+    if (raw_root / subject_id / sample_id).exists() and not overwrite:
+        raise FileExistsError(f"subject {subject_id} / sample {sample_id}: already exists in {raw_root} "
+                              "(pass --overwrite to replace it)")
+    if (raw_root / subject_id / "subject.json").exists():
+        have = raw.RawDataset(raw_root).subject(subject_id)
+        if have != subject_meta:
+            raise ValueError(f"subject {subject_id}: exists with gender {have.gender!r}, age {have.age!r}; "
+                             f"scanning it as gender {gender!r}, age {age!r} would rewrite its subject.json")
     vertices, faces, colors = read_mesh(mesh_path, units)
     landmarks = read_landmarks_3d(landmarks_path, units)
     if colors is not None:
@@ -201,12 +216,11 @@ def scan_mesh_file(cfg: SynthConfig, mesh_path: str | os.PathLike, landmarks_pat
     else:
         albedo_rgb = None
         albedo_ir = np.full(len(vertices), ir_albedo, np.float32)
-    raw_root, gt_root = Path(raw_root), Path(gt_root)
     raw.init_root(raw_root)
-    split = assign_split(subject_id, cfg.eval_fraction)
-    raw.write_subject(raw_root, raw.SubjectMeta(subject_id, gender, age, split))
+    raw.write_subject(raw_root, subject_meta)
     gtw.write_gt_subject(gt_root, subject_id, {"subject_id": subject_id, "gender": gender, "age": age,
-                                               "split": split, "source_mesh": str(Path(mesh_path).resolve())})
+                                               "split": subject_meta.split,
+                                               "source_mesh": str(Path(mesh_path).resolve())})
     rig_true = build_rig(cfg.rig)
     rig_stored = perturb_rig(rig_true, cfg.rig, derive_rng(cfg.seed, "calibration", subject_id))
     scene = SceneMesh(vertices, faces, albedo_ir, albedo_rgb, landmarks)

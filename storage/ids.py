@@ -44,11 +44,15 @@ def safe_join(root: Path, *parts: str) -> Path:
     Raises
     ------
     UnsafeIdError
-        When the joined path (after resolving links) is not inside ``root``.
+        When the joined path (after resolving links) is not inside ``root``, or cannot be
+        resolved (a symlink loop).
     """
     root_r = Path(root).resolve()
     p = root_r.joinpath(*parts)
-    resolved = p.resolve()
+    try:
+        resolved = p.resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise UnsafeIdError(f"path {p} cannot be resolved ({exc})") from None
     if resolved != root_r and root_r not in resolved.parents:
         raise UnsafeIdError(f"path {p} leaves its root {root_r} (resolves to {resolved})")
     return p

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 import uuid
 import zlib
@@ -68,6 +69,16 @@ class SubjectMeta:
     gender: str
     age: int | None
     split: str
+
+    def __post_init__(self):
+        # the writer never writes what the reader refuses
+        check_id(self.subject_id, "subject")
+        if self.gender not in GENDERS:
+            raise ValueError(f"gender: expected one of {GENDERS}, got {self.gender!r}")
+        if self.age is not None and (not _is_int(self.age) or not 0 < self.age < 130):
+            raise ValueError(f"age: expected an integer in 1..129 or None, got {self.age!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split: expected one of {SPLITS}, got {self.split!r}")
 
     def to_dict(self) -> dict:
         return {"subject_id": self.subject_id, "gender": self.gender, "age": self.age, "split": self.split}
@@ -263,53 +274,121 @@ def write_sample(root: Path, meta: SampleMeta, views: dict[str, RawView], *, ove
 
 # -- reader -------------------------------------------------------------------------------------
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOUR_TYPES = {0: "grey", 2: "RGB", 3: "palette", 4: "grey+alpha", 6: "RGBA"}
+_MODE_COLOUR_TYPE = {"L": 0, "RGB": 2}
+
+
+def _expression_categories() -> dict[str, str]:
+    """The known expression names and their categories (``kernels.synth.expressions``)."""
+    from kernels.synth.expressions import EXPRESSIONS
+
+    return {e.name: e.category for e in EXPRESSIONS}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 class RawDataset:
     """Validating reader of a raw root.
 
     Every method raises :class:`RawFormatError` (a ``ValueError``) naming the subject,
     sample, view and file of the first defect it finds. Hidden entries (names starting
-    with ``.``, e.g. an interrupted write) are ignored.
+    with ``.``, e.g. an interrupted write) are ignored. Every file is checked to be a
+    regular file inside the root before it is opened (no FIFOs, devices, or links leaving
+    the root), text files are size-limited, and PNG headers are checked before decoding.
     """
 
-    #: refuse images claiming more pixels than this (decompression bombs)
+    #: refuse images (and cameras) claiming more pixels than this (decompression bombs)
     max_pixels: int = 4096 * 4096
+    #: refuse JSON / CSV files larger than this many bytes
+    max_text_bytes: int = 1 << 20
+    #: refuse samples with more fringe images per view (frequencies x steps) than this
+    max_fringe_images: int = 64
+    #: the largest image side a sample may declare
+    max_side: int = 16384
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         marker = self.root / "raw-format.json"
         if not self.root.is_dir():
             raise RawFormatError(f"raw root {self.root} is not a directory", file=self.root)
-        try:
-            meta = json.loads(marker.read_text())
-        except FileNotFoundError:
-            raise RawFormatError("missing raw-format.json: not a pixelface raw folder", file=marker) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RawFormatError(f"not valid JSON ({exc})", file=marker) from None
+        if not (marker.exists() or marker.is_symlink()):
+            raise RawFormatError("missing raw-format.json: not a pixelface raw folder", file=marker)
+        meta = self._json(self._dir("raw-format.json"))
         if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
             raise RawFormatError(f"unsupported format {meta.get('format')!r} version {meta.get('version')!r} "
                                  f"(this reader reads {FORMAT_NAME} v{FORMAT_VERSION})", file=marker)
 
-    # paths
+    # paths and files
     def _dir(self, *parts: str, subject=None, sample=None, view=None) -> Path:
         try:
             return safe_join(self.root, *parts)
         except UnsafeIdError as exc:
-            raise RawFormatError(str(exc), subject=subject, sample=sample, view=view) from None
+            file = self.root.joinpath(*parts) if parts and parts[-1] else None
+            raise RawFormatError(str(exc), subject=subject, sample=sample, view=view, file=file) from None
 
-    def _json(self, path: Path, **where) -> dict:
+    @staticmethod
+    def _id(value: object, kind: str, **where) -> str:
         try:
-            text = path.read_text()
+            return check_id(value, kind)
+        except UnsafeIdError as exc:
+            raise RawFormatError(str(exc), **where) from None
+
+    @staticmethod
+    def _regular(path: Path, **where) -> int:
+        """Size in bytes of ``path`` if it is a regular file (links followed), else raise."""
+        try:
+            st = path.stat()
         except FileNotFoundError:
             raise RawFormatError("missing file", file=path, **where) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RawFormatError(f"unreadable ({exc})", file=path, **where) from None
+        except OSError as exc:
+            raise RawFormatError(f"unreadable ({exc.strerror or exc})", file=path, **where) from None
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) \
+                else "a device or socket"
+            raise RawFormatError(f"not a regular file ({kind})", file=path, **where)
+        return st.st_size
+
+    def _text(self, path: Path, **where) -> str:
+        size = self._regular(path, **where)
+        if size > self.max_text_bytes:
+            raise RawFormatError(f"file is {size} bytes, more than the {self.max_text_bytes} allowed",
+                                 file=path, **where)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(self.max_text_bytes + 1)
+            if len(data) > self.max_text_bytes:  # grew since the stat
+                raise RawFormatError(f"file is more than the {self.max_text_bytes} bytes allowed", file=path, **where)
+            return data.decode("utf-8")
+        except FileNotFoundError:
+            raise RawFormatError("missing file", file=path, **where) from None
+        except UnicodeDecodeError as exc:
+            raise RawFormatError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=path, **where) from None
+        except OSError as exc:
+            raise RawFormatError(f"unreadable ({exc.strerror or exc})", file=path, **where) from None
+
+    def _json(self, path: Path, **where) -> dict:
+        text = self._text(path, **where)
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise RawFormatError(f"not valid JSON ({exc.msg} at line {exc.lineno})", file=path, **where) from None
+        except RecursionError:
+            raise RawFormatError("not valid JSON (nested too deeply)", file=path, **where) from None
         if not isinstance(obj, dict):
-            raise RawFormatError("expected a JSON object", file=path, **where)
+            raise RawFormatError(f"expected a JSON object, got {type(obj).__name__}", file=path, **where)
         return obj
+
+    def _case_twins(self, parent: Path, name: str, kind: str, **where) -> None:
+        """Refuse ``name`` when a sibling differs from it only in letter case (one folder on
+        case-insensitive file systems, and in the store)."""
+        twins = sorted(p.name for p in parent.iterdir()
+                       if p.name != name and p.name.casefold() == name.casefold())
+        if twins:
+            raise RawFormatError(f"{kind} id {name!r} differs only in letter case from {twins} "
+                                 "(ids must be unique ignoring case)", file=parent / name, **where)
 
     # listing
     def subjects(self) -> list[str]:
@@ -326,27 +405,24 @@ class RawDataset:
         return out
 
     def samples(self, subject: str) -> list[str]:
-        """Sorted sample ids of ``subject``."""
-        check_id(subject, "subject")
+        """Sorted names of the sample folders of ``subject``.
+
+        Every non-hidden folder (or link) is listed, also one whose name is not a valid
+        id: :meth:`sample` then refuses it, so only that sample fails.
+        """
+        self._id(subject, "subject", subject=subject)
         d = self._dir(subject, subject=subject)
         if not d.is_dir():
             raise RawFormatError("no such subject folder", subject=subject, file=d)
-        out = []
-        for p in sorted(d.iterdir()):
-            if p.name.startswith(".") or not p.is_dir():
-                continue
-            try:
-                check_id(p.name, "sample")
-            except UnsafeIdError as exc:
-                raise RawFormatError(str(exc), subject=subject, file=p) from None
-            out.append(p.name)
-        return out
+        return [p.name for p in sorted(d.iterdir())
+                if not p.name.startswith(".") and (p.is_dir() or p.is_symlink())]
 
     # metadata
     def subject(self, subject: str) -> SubjectMeta:
         """Read and validate ``subject.json``."""
-        check_id(subject, "subject")
+        self._id(subject, "subject", file=self.root / str(subject))
         path = self._dir(subject, "subject.json", subject=subject)
+        self._case_twins(self.root, subject, "subject", subject=subject)
         d = self._json(path, subject=subject)
         where = dict(subject=subject, file=path)
         for k in ("subject_id", "gender", "age", "split"):
@@ -357,16 +433,23 @@ class RawDataset:
         if d["gender"] not in GENDERS:
             raise RawFormatError(f"gender {d['gender']!r} not in {GENDERS}", **where)
         age = d["age"]
-        if age is not None and (not isinstance(age, int) or isinstance(age, bool) or not 0 < age < 130):
+        if age is not None and (not _is_int(age) or not 0 < age < 130):
             raise RawFormatError(f"age {age!r} is not an integer in 1..129 or null", **where)
         if d["split"] not in SPLITS:
             raise RawFormatError(f"split {d['split']!r} not in {SPLITS}", **where)
         return SubjectMeta(subject, d["gender"], age, d["split"])
 
     def sample(self, subject: str, sample: str, expressions: Iterable[str] | None = None) -> SampleMeta:
-        """Read and validate ``sample.json``; ``expressions`` restricts the allowed names."""
-        check_id(subject, "subject")
-        check_id(sample, "sample")
+        """Read and validate ``sample.json`` and the sample folder's entries.
+
+        ``expressions`` restricts the allowed expression names (default: the 22 of
+        ``kernels.synth.expressions``, whose categories must then match).
+        """
+        self._id(subject, "subject", subject=subject)
+        d_subject = self._dir(subject, subject=subject)
+        self._id(sample, "sample", subject=subject, sample=sample, file=d_subject / str(sample))
+        sdir = self._dir(subject, sample, subject=subject, sample=sample)
+        self._case_twins(d_subject, sample, "sample", subject=subject, sample=sample)
         path = self._dir(subject, sample, "sample.json", subject=subject, sample=sample)
         d = self._json(path, subject=subject, sample=sample)
         where = dict(subject=subject, sample=sample, file=path)
@@ -374,58 +457,114 @@ class RawDataset:
             if k not in d:
                 raise RawFormatError(f"missing field {k!r}", **where)
         if d["subject_id"] != subject or d["sample_id"] != sample:
-            raise RawFormatError("subject_id/sample_id do not match the folders", **where)
-        if expressions is not None and d["expression"] not in set(expressions):
+            raise RawFormatError(f"subject_id/sample_id {d['subject_id']!r}/{d['sample_id']!r} do not match "
+                                 "the folders", **where)
+        known = _expression_categories()
+        allowed = set(known) if expressions is None else set(expressions)
+        if not isinstance(d["expression"], str) or d["expression"] not in allowed:
             raise RawFormatError(f"unknown expression {d['expression']!r}", **where)
         if d["category"] not in CATEGORIES:
             raise RawFormatError(f"category {d['category']!r} not in {CATEGORIES}", **where)
+        if d["expression"] in known and d["category"] != known[d["expression"]]:
+            raise RawFormatError(f"category {d['category']!r} does not match expression {d['expression']!r} "
+                                 f"({known[d['expression']]!r})", **where)
         views = d["views"]
-        if not isinstance(views, list) or not views or len(set(views)) != len(views):
+        if not isinstance(views, list) or not views or len(set(map(repr, views))) != len(views):
             raise RawFormatError(f"views must be a non-empty list of distinct ids, got {views!r}", **where)
         for v in views:
-            try:
-                check_id(v, "view")
-            except UnsafeIdError as exc:
-                raise RawFormatError(str(exc), **where) from None
-        f = d["fringe"]
-        try:
-            steps, freqs, pw = int(f["steps"]), tuple(int(x) for x in f["frequencies"]), int(f["projector_width"])
-            width, height = int(d["image"]["width"]), int(d["image"]["height"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RawFormatError(f"malformed fringe/image block ({exc!r})", **where) from None
-        if steps < 3 or not freqs or freqs[0] != 1 or any(b <= a for a, b in zip(freqs, freqs[1:])) or pw <= 0:
-            raise RawFormatError(f"invalid fringe settings steps={steps} frequencies={freqs} "
-                                 f"projector_width={pw}", **where)
-        if not (0 < width <= 16384 and 0 < height <= 16384):
-            raise RawFormatError(f"invalid image size {width}x{height}", **where)
+            self._id(v, "view", **where)
+        f, img = d["fringe"], d["image"]
+        if not isinstance(f, dict) or not isinstance(img, dict):
+            raise RawFormatError("fields 'fringe' and 'image' must be JSON objects", **where)
+        ints = {"fringe.steps": f.get("steps"), "fringe.projector_width": f.get("projector_width"),
+                "fringe.phase_model": f.get("phase_model", 1), "image.width": img.get("width"),
+                "image.height": img.get("height")}
+        bad = {k: v for k, v in ints.items() if not _is_int(v)}
+        freqs = f.get("frequencies")
+        if not isinstance(freqs, list) or not all(_is_int(x) for x in freqs):
+            bad["fringe.frequencies"] = freqs
+        if bad:
+            raise RawFormatError(f"malformed fringe/image block: expected integers, got {bad}", **where)
+        steps, pw, width, height = ints["fringe.steps"], ints["fringe.projector_width"], ints["image.width"], \
+            ints["image.height"]
+        freqs = tuple(freqs)
+        if steps < 3 or not freqs or freqs[0] != 1 or any(b <= a for a, b in zip(freqs, freqs[1:])) or pw <= 0 \
+                or len(freqs) * steps > self.max_fringe_images:
+            raise RawFormatError(f"invalid fringe settings steps={steps} frequencies={list(freqs)} "
+                                 f"projector_width={pw} (steps >= 3, frequencies increasing from 1, at most "
+                                 f"{self.max_fringe_images} images)", **where)
+        if ints["fringe.phase_model"] != 1:
+            raise RawFormatError(f"unsupported fringe.phase_model {ints['fringe.phase_model']} (image model v1)",
+                                 **where)
+        if not (0 < width <= self.max_side and 0 < height <= self.max_side and width * height <= self.max_pixels):
+            raise RawFormatError(f"invalid image size {width}x{height} (at most {self.max_pixels} pixels)", **where)
+        entries = [p for p in sdir.iterdir() if not p.name.startswith(".") and p.name != "sample.json"]
+        extra_dirs = sorted(p.name for p in entries if p.name not in views and (p.is_dir() or p.is_symlink()))
+        if extra_dirs:
+            raise RawFormatError(f"view folder(s) {extra_dirs} not listed in sample.json views {views}",
+                                 file=sdir / extra_dirs[0], subject=subject, sample=sample)
+        extra = sorted(p.name for p in entries if p.name not in views)
+        if extra:
+            raise RawFormatError(f"unexpected file(s) {extra}", file=sdir / extra[0], subject=subject, sample=sample)
         return SampleMeta(subject, sample, d["expression"], d["category"], tuple(views),
-                          FringeSpec(steps, freqs, pw, int(f.get("phase_model", 1))), width, height)
+                          FringeSpec(steps, freqs, pw, 1), width, height)
 
     def calibration(self, subject: str, sample: str, view: str) -> ViewCalibration:
         """Read and validate ``calibration.json`` of a view."""
         where = dict(subject=subject, sample=sample, view=view)
         path = self._dir(subject, sample, view, "calibration.json", **where)
         d = self._json(path, **where)
+        if d.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise RawFormatError(f"unsupported format_version {d.get('format_version')!r}", file=path, **where)
+        group = d.get("group", view)
+        if group != view:
+            raise RawFormatError(f"calibration of group {group!r} in the folder of view {view!r}", file=path, **where)
         cams = {}
         for k in ("ir", "projector", "rgb"):
             if k not in d or not isinstance(d[k], dict):
                 raise RawFormatError(f"missing camera {k!r}", file=path, **where)
             try:
                 cams[k] = Camera.from_dict(d[k])
-            except (ValueError, TypeError, KeyError) as exc:
+            except (ValueError, TypeError, KeyError, OverflowError) as exc:
                 raise RawFormatError(f"camera {k!r}: {exc}", file=path, **where) from None
+            if cams[k].width * cams[k].height > self.max_pixels:
+                raise RawFormatError(f"camera {k!r} claims {cams[k].width}x{cams[k].height} pixels, more than the "
+                                     f"{self.max_pixels} allowed", file=path, **where)
         if cams["projector"].has_distortion:
             raise RawFormatError("projector must have zero distortion (image model v1)", file=path, **where)
-        return ViewCalibration(str(d.get("group", view)), cams["ir"], cams["projector"], cams["rgb"])
+        return ViewCalibration(view, cams["ir"], cams["projector"], cams["rgb"])
+
+    def _png_header(self, path: Path, **where) -> tuple[int, int, int, int]:
+        """(width, height, bit depth, colour type) from the IHDR chunk, without decoding anything."""
+        try:
+            with open(path, "rb") as f:
+                head = f.read(33)
+        except OSError as exc:
+            raise RawFormatError(f"unreadable ({exc.strerror or exc})", file=path, **where) from None
+        if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR" \
+                or struct.unpack(">I", head[8:12])[0] != 13:
+            what = "empty file" if not head else "no PNG signature and IHDR header"
+            raise RawFormatError(f"not a readable image (not a PNG file: {what})", file=path, **where)
+        w, h, depth, ctype = struct.unpack(">IIBB", head[16:26])
+        return w, h, depth, ctype
 
     def _image(self, path: Path, shape: tuple[int, int], mode: str, **where) -> np.ndarray:
+        self._regular(path, **where)
+        w, h, depth, ctype = self._png_header(path, **where)
+        if w * h > self.max_pixels:
+            raise RawFormatError(f"image header claims {w}x{h} pixels, more than the {self.max_pixels} allowed "
+                                 f"(expected {shape[1]}x{shape[0]}; refused before decoding)", file=path, **where)
+        if (h, w) != shape:
+            raise RawFormatError(f"image is {w}x{h}, expected {shape[1]}x{shape[0]}", file=path, **where)
+        if (depth, ctype) != (8, _MODE_COLOUR_TYPE[mode]):
+            raise RawFormatError(f"image mode: {depth}-bit {_PNG_COLOUR_TYPES.get(ctype, f'colour type {ctype}')}, "
+                                 f"expected 8-bit {_PNG_COLOUR_TYPES[_MODE_COLOUR_TYPE[mode]]} (mode {mode!r})",
+                                 file=path, **where)
         try:
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > self.max_pixels or (h, w) != shape:
-                    raise RawFormatError(f"image is {w}x{h}, expected {shape[1]}x{shape[0]}", file=path, **where)
-                if im.mode != mode:
-                    raise RawFormatError(f"image mode {im.mode!r}, expected {mode!r}", file=path, **where)
+            with Image.open(path, formats=["PNG"]) as im:
+                if im.size != (w, h) or im.mode != mode:
+                    raise RawFormatError(f"image is {im.size[0]}x{im.size[1]} mode {im.mode!r}, expected "
+                                         f"{shape[1]}x{shape[0]} mode {mode!r}", file=path, **where)
                 arr = np.asarray(im)
         except RawFormatError:
             raise
@@ -433,8 +572,9 @@ class RawDataset:
             raise RawFormatError("missing file", file=path, **where) from None
         except Exception as exc:  # PIL raises many types for corrupt files
             raise RawFormatError(f"not a readable image ({type(exc).__name__}: {exc})", file=path, **where) from None
-        if arr.dtype != np.uint8:
-            raise RawFormatError(f"image dtype {arr.dtype}, expected uint8", file=path, **where)
+        if arr.dtype != np.uint8 or arr.shape[:2] != shape:
+            raise RawFormatError(f"image decoded as {arr.dtype} {arr.shape}, expected uint8 {shape}", file=path,
+                                 **where)
         return arr
 
     def landmarks(self, subject: str, sample: str, view: str, width: int, height: int
@@ -442,13 +582,11 @@ class RawDataset:
         """Read ``landmarks.csv``: (106, 2) pixel coordinates (NaN where not visible) and (106,) bool."""
         where = dict(subject=subject, sample=sample, view=view)
         path = self._dir(subject, sample, view, "landmarks.csv", **where)
+        text = self._text(path, **where)
         try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise RawFormatError("missing file", file=path, **where) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RawFormatError(f"unreadable ({exc})", file=path, **where) from None
-        rows = list(csv.reader(io.StringIO(text)))
+            rows = list(csv.reader(io.StringIO(text)))
+        except csv.Error as exc:
+            raise RawFormatError(f"not a CSV file ({exc})", file=path, **where) from None
         if not rows or [c.strip() for c in rows[0]] != ["index", "x", "y", "visible"]:
             raise RawFormatError("header must be 'index,x,y,visible'", file=path, **where)
         body = [r for r in rows[1:] if r]
@@ -458,9 +596,12 @@ class RawDataset:
         vis = np.zeros(N_LANDMARKS, bool)
         for k, r in enumerate(body):
             try:
+                if len(r) != 4:
+                    raise ValueError
                 idx, x, y, v = int(r[0]), float(r[1]), float(r[2]), int(r[3])
-            except (ValueError, IndexError):
-                raise RawFormatError(f"row {k + 1}: malformed {r!r}", file=path, **where) from None
+            except ValueError:
+                raise RawFormatError(f"row {k + 1}: malformed {r!r} (expected index,x,y,visible)", file=path,
+                                     **where) from None
             if idx != k or v not in (0, 1):
                 raise RawFormatError(f"row {k + 1}: index must be {k} and visible 0/1, got {r!r}", file=path, **where)
             if v:
@@ -488,7 +629,12 @@ class RawDataset:
             raise RawFormatError(f"view not listed in sample.json ({list(meta.views)})", **where)
         vdir = self._dir(subject, sample, view, **where)
         if not vdir.is_dir():
-            raise RawFormatError("missing view folder", file=vdir, **where)
+            raise RawFormatError("missing view folder" if not vdir.exists() else "not a folder", file=vdir, **where)
+        names = meta.fringe.file_names()
+        expected = set(names) | {"rgb.png", "calibration.json", "landmarks.csv"}
+        extra = sorted(p.name for p in vdir.iterdir() if p.name not in expected and not p.name.startswith("."))
+        if extra:
+            raise RawFormatError(f"unexpected file(s) {extra}", file=vdir / extra[0], **where)
         calib = self.calibration(subject, sample, view)
         if (calib.ir.width, calib.ir.height) != (meta.width, meta.height):
             raise RawFormatError(f"IR camera is {calib.ir.width}x{calib.ir.height} but sample.json says "
@@ -498,15 +644,10 @@ class RawDataset:
         L, N = len(meta.fringe.frequencies), meta.fringe.steps
         fringe = np.empty((L, N, meta.height, meta.width), np.uint8)
         files: dict[str, Path] = {}
-        names = meta.fringe.file_names()
         for k, name in enumerate(names):
             p = self._dir(subject, sample, view, name, **where)
             fringe[k // N, k % N] = self._image(p, (meta.height, meta.width), "L", **where)
             files[name] = p
-        expected = set(names) | {"rgb.png", "calibration.json", "landmarks.csv"}
-        extra = sorted(p.name for p in vdir.iterdir() if p.name not in expected and not p.name.startswith("."))
-        if extra:
-            raise RawFormatError(f"unexpected file(s) {extra}", file=vdir / extra[0], **where)
         rgb_path = self._dir(subject, sample, view, "rgb.png", **where)
         rgb = self._image(rgb_path, (calib.rgb.height, calib.rgb.width), "RGB", **where)
         files["rgb.png"] = rgb_path
