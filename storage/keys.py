@@ -142,6 +142,8 @@ def hash_files(files: Mapping[str, Path]) -> str:
                     h.update(block)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             h.update(b"-")
+        except OSError as exc:  # unreadable (permissions, ...): the reader reports it; the key still differs
+            h.update(b"!" + str(exc.errno).encode())
         h.update(b"\0")
     return h.hexdigest()
 
@@ -157,9 +159,13 @@ def raw_view_key(raw_root: Path, subject: str, sample: str, view: str) -> str:
     root = Path(raw_root)
     files = {"sample.json": root / subject / sample / "sample.json"}
     vdir = root / subject / sample / view
+    inside = root.resolve()
     if vdir.is_dir() and not vdir.is_symlink():
         for p in vdir.iterdir():
-            if not p.name.startswith(".") and p.is_file():
+            # regular files inside the raw root only: never follow a symlink out of it (nor a FIFO)
+            if p.name.startswith(".") or p.is_symlink() and inside not in p.resolve().parents:
+                continue
+            if p.is_file():
                 files[f"{view}/{p.name}"] = p
     return hash_files(files)
 

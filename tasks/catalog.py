@@ -66,6 +66,10 @@ class RunRow(_Frozen):
 
 def list_subjects(raw: str, only: list[str] | None = None) -> list[str]:
     """Subject ids of the raw root (all, or those of ``only`` in that order; unknown ids raise)."""
+    from storage.ids import check_id
+
+    for s in only or ():
+        check_id(s, "subject")
     have = RawDataset(Path(raw)).subjects()
     if not only:
         return have
