@@ -144,6 +144,79 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _store_config(args: argparse.Namespace):
+    """Config for the dataset-level commands: defaults <- ``--config`` <- ``--store`` / Dask options."""
+    from pixelface.config import load_config
+
+    build: dict[str, Any] = {"store": str(args.store)}
+    for attr in ("dask_address", "workers", "prefect_home"):
+        v = getattr(args, attr, None)
+        if v is not None:
+            build[attr] = str(v) if isinstance(v, Path) else v
+    cfg = load_config(args.config, {"build": build})
+    if not (Path(cfg.build.store) / "store-format.json").exists():
+        raise FileNotFoundError(f"--store {cfg.build.store}: no pixelface store there (run `pixelface build` first)")
+    return cfg
+
+
+def _add_store_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", type=Path, required=True, help="store root written by `pixelface build`")
+    p.add_argument("--config", type=Path, help="YAML/TOML/JSON file (the one the build used, if any)")
+    p.add_argument("--dask-address", dest="dask_address", help="tcp://HOST:PORT of an existing Dask scheduler")
+    p.add_argument("--workers", type=int, help="LocalCluster worker processes (default: CPU count)")
+    p.add_argument("--prefect-home", dest="prefect_home", type=Path, help="PREFECT_HOME (default work/prefect)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from flows.prefect_env import configure_environment
+
+    cfg = _store_config(args)
+    configure_environment(Path(cfg.build.prefect_home))
+    from flows.model import run_model
+
+    s = run_model(cfg.build, cfg.model)
+    if args.json:
+        print(s.model_dump_json())
+    else:
+        print(f"model {s.model_id} ({'reused' if s.reused else 'built'} in {s.seconds:.1f} s): "
+              f"{s.n_shape_components} shape components from {s.n_shape_samples} neutral registrations "
+              f"(99% at {s.shape_components_99}), {s.n_expression_components} expression components from "
+              f"{s.n_expression_samples} residuals (99% at {s.expression_components_99})\n  {s.path}")
+        if s.skipped:
+            print(f"  skipped (subject without a neutral registration): {', '.join(s.skipped)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from flows.prefect_env import configure_environment
+
+    cfg = _store_config(args)
+    configure_environment(Path(cfg.build.prefect_home))
+    from flows.evaluate import run_evaluate
+
+    s = run_evaluate(cfg.build, cfg.model, cfg.evaluate)
+    if args.json:
+        print(s.model_dump_json())
+    else:
+        print(f"evaluation {s.eval_id}: {s.n_samples} eval scans x {len(s.variants)} model variants in "
+              f"{s.seconds:.1f} s ({s.n_failed_rows} failed rows)\n  {s.path}")
+        for r in s.by_variant:
+            arm = ", ".join(f"{k.removeprefix('armse_')}: {v:.4f}" for k, v in r.items()
+                            if k.startswith("armse_") and not k.endswith("_mm") and v is not None)
+            print(f"  {r['variant']:<15} n={r['n']:<4} NME {r['nme']:.4f}  ARMSE(r) {arm}")
+    return EXIT_PARTIAL if s.n_failed_rows else EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from flows.report import write_report
+
+    cfg = _store_config(args)
+    path = write_report(cfg.build.store, Path(args.out))
+    print(f"report written to {path}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -180,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build raw captures into the store (Prefect flows on Dask)")
     add_build_arguments(p)
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("model", help="build the PCA morphable model from a store's registrations")
+    _add_store_arguments(p)
+    p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("evaluate", help="fit model variants to the eval split: NME / ARMSE tables")
+    _add_store_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="write the static HTML QC report of a store")
+    p.add_argument("--store", type=Path, required=True, help="store root")
+    p.add_argument("--out", type=Path, required=True, help="folder to write index.html and the PNG plots into")
+    p.add_argument("--config", type=Path, help="YAML/TOML/JSON file (the one the build used, if any)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="print the effective configuration as YAML")
     p.add_argument("--config", type=Path, help="YAML/TOML/JSON file overriding the defaults")

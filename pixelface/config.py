@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kernels.decode import DecodeParams
 from kernels.depth import DepthParams
@@ -26,6 +26,7 @@ from kernels.fusion import FusionParams
 from kernels.gridmesh import GridMeshParams
 from kernels.landmarks import LandmarkParams
 from kernels.meshing import MeshingParams
+from kernels.registration import RegistrationParams
 from kernels.synth.face import FaceModelParams
 from kernels.synth.rig import RigParams
 from kernels.synth.scanner import FringeParams, PhotometryParams
@@ -54,6 +55,36 @@ class SynthConfig(_Frozen):
                                          description="Light, albedo response, noise, annotator noise.")
 
 
+class TemplateConfig(_Frozen):
+    """The registration template: the synthetic mean face (default) or a user template from files."""
+
+    n_vertices: int = Field(25_000, ge=1_000, le=500_000,
+                            description="Vertices of the default template (the mean face cropped to the scanned region).")
+    margin_deg: float = Field(12.0, ge=10.0, le=30.0,
+                              description="Default template: margin around the face region (degrees in theta, phi).")
+    mesh: str | None = Field(None, description="User template mesh (PLY/OBJ, mm); needs `landmarks` and `parts`.")
+    landmarks: str | None = Field(None, description="User template landmarks (JSON, docs/registration.md).")
+    parts: str | None = Field(None, description="User template part labels (JSON, docs/registration.md).")
+    sha256: str | None = Field(None, description="Hash of the three user files; set by the build, part of the "
+                                                 "stage key (do not set by hand).")
+
+    @model_validator(mode="after")
+    def _all_or_none(self):
+        given = [x is not None for x in (self.mesh, self.landmarks, self.parts)]
+        if any(given) and not all(given):
+            raise ValueError("template: give all of mesh, landmarks and parts, or none (default template)")
+        return self
+
+
+class RegistrationStageParams(_Frozen):
+    """Registration to the template (sample level): which template, and the kernel's parameters."""
+
+    template: TemplateConfig = Field(default_factory=TemplateConfig)
+    registration: RegistrationParams = Field(default_factory=RegistrationParams,
+                                             description="Landmark similarity + per-part NICP.")
+    seed: int = Field(0, ge=0, description="Seed of the landmark RANSAC.")
+
+
 class StageParams(_Frozen):
     """Parameters of every stage (each stage's artifact key hashes only its own entry)."""
 
@@ -65,6 +96,8 @@ class StageParams(_Frozen):
     fusion: FusionParams = Field(default_factory=FusionParams, description="Multi-view fusion (sample level).")
     surface: MeshingParams = Field(default_factory=MeshingParams,
                                    description="CVT surface mesh of the fused cloud (sample level).")
+    registration: RegistrationStageParams = Field(default_factory=RegistrationStageParams,
+                                                  description="Template registration (sample level).")
 
 
 class BuildConfig(_Frozen):
@@ -85,6 +118,19 @@ class BuildConfig(_Frozen):
     stages: StageParams = Field(default_factory=StageParams)
 
 
+def with_template_hash(cfg: "BuildConfig") -> "BuildConfig":
+    """``cfg`` with ``stages.registration.template.sha256`` set from a user template's files (no-op for the
+    default template): the hash is part of the registration stage's key, so changed files give new keys."""
+    t = cfg.stages.registration.template
+    if t.mesh is None:
+        return cfg
+    from storage.template_io import template_files_sha256
+
+    sha = template_files_sha256(t.mesh, t.landmarks, t.parts)
+    reg = cfg.stages.registration.model_copy(update={"template": t.model_copy(update={"sha256": sha})})
+    return cfg.model_copy(update={"stages": cfg.stages.model_copy(update={"registration": reg})})
+
+
 class BuildOptions(_Frozen):
     """What one subject flow run needs (a reference-only parameter: well below Prefect's 512 kB cap)."""
 
@@ -98,11 +144,42 @@ class BuildOptions(_Frozen):
         return cls(raw=cfg.raw, store=cfg.store, build_id=build_id, stages=cfg.stages)
 
 
+class ModelConfig(_Frozen):
+    """The reduce flow (``pixelface model``): a PCA morphable model from the registrations in a store."""
+
+    shape_components: int = Field(199, ge=1, le=5000, description="Shape components (fewer when the data's rank is lower).")
+    expression_components: int = Field(99, ge=1, le=5000,
+                                       description="Expression components (fewer when the data's rank is lower).")
+    variance_target: float = Field(0.99, gt=0.0, le=1.0, description="Reported: components needed for this share.")
+    neutral_expression: str = Field("neutral", description="Expression name of the neutral scans.")
+    row_block: int = Field(64, ge=1, le=4096, description="Rows (samples) per chunk of the data matrices.")
+    column_block: int = Field(8192, ge=256, le=1 << 22, description="Columns per chunk of the data matrices.")
+    specificity_samples: int = Field(200, ge=1, le=100_000, description="Random model instances for specificity.")
+    generalisation_components: int = Field(40, ge=1, le=5000,
+                                           description="Largest component count of the generalisation curve.")
+    ply_modes: int = Field(3, ge=0, le=20, description="First modes exported as +/-3 sigma PLY files.")
+    seed: int = Field(0, ge=0, description="Seed of the random model instances (specificity).")
+
+
+class EvaluateConfig(_Frozen):
+    """The evaluation flow (``pixelface evaluate``): 3DMM fitting to the eval split, NME and ARMSE."""
+
+    radii: tuple[float, ...] = Field((0.6, 0.7, 0.8, 0.9, 1.0), description="ARMSE crop radii (interocular = 1).")
+    subset_fraction: float = Field(0.2, gt=0.0, lt=1.0,
+                                   description="Share of training subjects of the reduced models (Table 2).")
+    seed: int = Field(0, ge=0, description="Seed of the training-subject subset.")
+    age_groups: tuple[tuple[int, int], ...] = Field(((18, 30), (31, 45), (46, 60), (61, 80)),
+                                                    description="Inclusive age ranges of the breakdown.")
+    max_samples: int | None = Field(None, ge=1, description="Evaluate at most this many eval-split samples.")
+
+
 class Config(_Frozen):
     """Root of the configuration tree."""
 
     synth: SynthConfig = Field(default_factory=SynthConfig)
     build: BuildConfig = Field(default_factory=BuildConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
 def _deep_merge(base: dict, override: dict) -> dict:

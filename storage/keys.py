@@ -163,8 +163,14 @@ def raw_view_key(raw_root: Path, subject: str, sample: str, view: str) -> str:
     if vdir.is_dir() and not vdir.is_symlink():
         for p in vdir.iterdir():
             # regular files inside the raw root only: never follow a symlink out of it (nor a FIFO)
-            if p.name.startswith(".") or p.is_symlink() and inside not in p.resolve().parents:
+            if p.name.startswith("."):
                 continue
+            if p.is_symlink():
+                try:
+                    if inside not in p.resolve().parents:
+                        continue
+                except (OSError, RuntimeError):   # a symlink loop: the reader reports it
+                    continue
             if p.is_file():
                 files[f"{view}/{p.name}"] = p
     return hash_files(files)

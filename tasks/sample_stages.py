@@ -25,17 +25,33 @@ Graph (``<stage>/<view>`` = the view-level output of each view of the sample)::
   (n, 3) float32 mm, ``faces`` (k, 3) int32. QC: ``min_angle_30_fraction``, ``n_vertices``,
   ``n_faces``, ``holes``, ``hole_area_mm2``, ``meshing_s``.
 
+* ``registration``: the template (``StageParams.registration.template``: the default template of
+  :func:`kernels.template.default_template`, or a user template read from files by
+  :func:`storage.template_io.read_template`) registered to the ``surface`` mesh with the
+  ``fusion`` landmarks (:func:`kernels.registration.register`: landmark similarity, then NICP
+  with per-part stiffness) -> ``vertices`` (n, 3) float32 mm in template topology, ``distance``
+  (n,) float32 mm to the scan, ``valid`` (n,) bool, ``landmarks`` (106, 3) float64 (the
+  template's landmarks on the registered mesh). QC: ``mean_distance_mm``, ``p95_distance_mm``,
+  ``valid_fraction``, ``n_flipped``, ``n_degenerate``, ``landmark_rmse_mm``, timings, ...
+  The template is built once per worker process (cached by its parameters).
+
 Neither stage reads raw files through its key: ``fusion`` reads the raw calibration only for
 the camera centres, and every view's ``decode`` key already hashes the raw view.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from kernels.fusion import FusionParams, fuse_views
 from kernels.landmarks import LandmarkStatus
 from kernels.meshing import MeshingParams, mesh_point_cloud
+from kernels.nicp import PreparedTemplate, prepare_template
+from kernels.registration import register
+from kernels.template import Template, default_template
+from pixelface.config import RegistrationStageParams, TemplateConfig
 from tasks.stage import Sources, StageSpec
 
 PIVOT = "middle"
@@ -114,5 +130,52 @@ def _surface_pack(m):
              "hole_area_mm2": float(q["hole_area_mm2"]), "meshing_s": float(q["meshing_s"])})
 
 
+# -- registration ----------------------------------------------------------------------------------
+
+def load_template(cfg: TemplateConfig) -> Template:
+    """The template a configuration names (default: the synthetic mean face; else the user's files)."""
+    if cfg.mesh is None:
+        return default_template(cfg.n_vertices, cfg.margin_deg)
+    from storage.template_io import read_template, template_files_sha256
+
+    files = (cfg.mesh, cfg.landmarks, cfg.parts)
+    if cfg.sha256 is not None and template_files_sha256(*files) != cfg.sha256:
+        raise ValueError(f"template files {list(files)} changed since the build was configured "
+                         f"(sha256 {cfg.sha256[:12]}...); restart the build")
+    return read_template(*files)
+
+
+@functools.lru_cache(maxsize=4)
+def prepared_template(stage: RegistrationStageParams) -> PreparedTemplate:
+    """Template + its NICP operators, built once per process and parameters."""
+    return prepare_template(load_template(stage.template), stage.registration.nicp)
+
+
+def _registration_load(src: Sources, params):
+    m = src.arrays("surface", ["vertices", "faces"])
+    f = src.arrays("fusion", ["landmarks"])
+    return dict(vertices=m["vertices"].astype(np.float64), faces=m["faces"], landmarks=f["landmarks"])
+
+
+def _registration_kernel(params: RegistrationStageParams | None, vertices, faces, landmarks):
+    p = params if params is not None else RegistrationStageParams()
+    prep = prepared_template(p)
+    return register(prep, vertices, faces, landmarks, p.registration, rng=p.seed), prep.template
+
+
+def _registration_pack(out):
+    r, template = out
+    arrays = {"vertices": r.vertices.astype(np.float32), "distance": r.distance_mm.astype(np.float32),
+              "valid": np.asarray(r.valid, dtype=bool),
+              "landmarks": template.landmark_points(r.vertices).astype(np.float64)}
+    qc = {}
+    for k, v in r.qc.items():
+        if isinstance(v, (bool, int, float, np.integer, np.floating)) and np.isfinite(float(v)):
+            qc[k] = float(v)
+    return arrays, qc
+
+
 FUSION = StageSpec("fusion", "2", "sample", False, _fusion_load, _fusion_kernel, _fusion_pack)
 SURFACE = StageSpec("surface", "2", "sample", False, _surface_load, _surface_kernel, _surface_pack)
+REGISTRATION = StageSpec("registration", "1", "sample", False, _registration_load, _registration_kernel,
+                         _registration_pack)

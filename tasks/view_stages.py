@@ -25,7 +25,7 @@ from kernels.landmarks import LandmarkParams, LandmarkStatus, lift_landmarks
 from kernels.texture import project_to_rgb, texture_map
 from kernels.texture import TextureParams
 from tasks.decode import SPEC as DECODE
-from tasks.sample_stages import FUSION, SURFACE
+from tasks.sample_stages import FUSION, REGISTRATION, SURFACE
 from tasks.stage import Chain, Sources, StageSpec, Step
 
 
@@ -116,7 +116,8 @@ VIEW_STEPS = (Step(DECODE), Step(DEPTH, ("decode",)), Step(TEXTURE, ("decode", "
               Step(LANDMARKS, ("decode", "texture")))
 """Per-view stages in dependency order (fusion, meshing, registration append sample-level steps)."""
 
-SAMPLE_STEPS = (Step(FUSION, ("decode", "texture", "landmarks")), Step(SURFACE, ("fusion",)))
+SAMPLE_STEPS = (Step(FUSION, ("decode", "texture", "landmarks")), Step(SURFACE, ("fusion",)),
+                Step(REGISTRATION, ("surface", "fusion")))
 """Sample-level stages (tasks/sample_stages.py): multi-view fusion, then the CVT surface mesh."""
 
 SAMPLE_CHAIN = Chain("sample", VIEW_STEPS + SAMPLE_STEPS)

@@ -468,8 +468,8 @@ DATASET_DEFECTS: tuple[CliDefect, ...] = (
 
 BUILD_CLI_DEFECTS: tuple[CliDefect, ...] = (
     CliDefect("subjects-traversal", "build-cli", "`--subjects ../S0000` (path separator and '..')",
-              "subject(s) ['../S0000'] not found", lambda raw, store: ["--subjects", "../S0000"]),
-    CliDefect("subjects-absolute", "build-cli", "`--subjects /etc` (absolute path)", "subject(s) ['/etc'] not found",
+              "subject id '../S0000' is not allowed", lambda raw, store: ["--subjects", "../S0000"]),
+    CliDefect("subjects-absolute", "build-cli", "`--subjects /etc` (absolute path)", "subject id '/etc' is not allowed",
               lambda raw, store: ["--subjects", "/etc"]),
     CliDefect("subjects-unknown", "build-cli", "`--subjects S9999` (no such subject)",
               "subject(s) ['S9999'] not found", lambda raw, store: ["--subjects", "S9999"]),

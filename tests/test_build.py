@@ -17,13 +17,24 @@ import pytest
 from storage.store import open_store
 
 VIEW_STAGES = ("decode", "depth", "texture", "mesh", "landmarks")
-SAMPLE_STAGES = ("fusion", "surface")
+SAMPLE_STAGES = ("fusion", "surface", "registration")
 STAGES = VIEW_STAGES + SAMPLE_STAGES
-DOWNSTREAM = {"decode": set(STAGES), "depth": {"depth", "texture", "landmarks", "fusion", "surface"},
-              "texture": {"texture", "landmarks", "fusion", "surface"}, "mesh": {"mesh"},
-              "landmarks": {"landmarks", "fusion", "surface"}, "fusion": {"fusion", "surface"},
-              "surface": {"surface"}}
+_TAIL = {"fusion", "surface", "registration"}
+DOWNSTREAM = {"decode": set(STAGES), "depth": {"depth", "texture", "landmarks"} | _TAIL,
+              "texture": {"texture", "landmarks"} | _TAIL, "mesh": {"mesh"},
+              "landmarks": {"landmarks"} | _TAIL, "fusion": set(_TAIL),
+              "surface": {"surface", "registration"}, "registration": {"registration"}}
+TEMPLATE_VERTICES = 2000
 N_VIEWS = 3  # views per sample
+
+
+def _code_versions() -> dict[str, str]:
+    from tasks.view_stages import SAMPLE_CHAIN
+
+    return {st.spec.name: st.spec.version for st in SAMPLE_CHAIN.steps}
+
+
+CODE_VERSIONS = _code_versions()
 
 
 def stage_count(n_samples: int, stages=STAGES) -> int:
@@ -32,11 +43,14 @@ def stage_count(n_samples: int, stages=STAGES) -> int:
 
 
 def stage_params(**kw):
-    """Stage parameters of the tests: a small surface mesh (the tiny test views fuse to ~20k points)."""
+    """Stage parameters of the tests: a small surface mesh (the tiny test views fuse to ~20k points)
+    and a small registration template."""
     from kernels.meshing import MeshingParams
-    from pixelface.config import StageParams
+    from pixelface.config import RegistrationStageParams, StageParams, TemplateConfig
 
-    return StageParams(**{"surface": MeshingParams(target_vertices=3000), **kw})
+    return StageParams(**{"surface": MeshingParams(target_vertices=3000),
+                          "registration": RegistrationStageParams(template=TemplateConfig(n_vertices=TEMPLATE_VERTICES)),
+                          **kw})
 IGNORED = {"row_id", "build_id", "recorded_at", "flow_run_id", "started_at", "finished_at", "duration_s",
            "kernel_cpu_s", "outcome"}
 
@@ -101,6 +115,7 @@ def kernel_calls(monkeypatch):
     counting(tasks.view_stages, "lift_landmarks", "landmarks")
     counting(tasks.sample_stages, "fuse_views", "fusion")
     counting(tasks.sample_stages, "mesh_point_cloud", "surface")
+    counting(tasks.sample_stages, "register", "registration")
     return calls
 
 
@@ -192,7 +207,7 @@ def test_build_then_identical_rebuild_is_all_cached(harness, cluster, raw, tmp_p
     assert len(runs) == n_stages
     assert {r["status"] for r in runs} == {"completed"} and {r["outcome"] for r in runs} == {"computed"}
     for r in runs:
-        assert len(r["artifact_key"]) == 40 and r["param_hash"] and r["code_version"] == "1"
+        assert len(r["artifact_key"]) == 40 and r["param_hash"] and r["code_version"] == CODE_VERSIONS[r["stage"]]
         assert r["duration_s"] >= 0
         if r["stage"] in VIEW_STAGES:
             assert dict(r["input_keys"]).keys() >= {"raw"} and r["view_id"]
@@ -204,6 +219,12 @@ def test_build_then_identical_rebuild_is_all_cached(harness, cluster, raw, tmp_p
                and q["n_points"] > 1000 for q in fqc)
     sqc = [dict(r["qc"]) for r in runs if r["stage"] == "surface"]
     assert all(q["min_angle_30_fraction"] > 0.9 and q["n_vertices"] > 2900 and "holes" in q for q in sqc)
+    rg = st.artifacts.read([r for r in refs if r.stage == "registration"][0])
+    nt = rg["vertices"].shape[0]
+    assert abs(nt - TEMPLATE_VERTICES) <= 0.05 * TEMPLATE_VERTICES and rg["vertices"].dtype == np.float32
+    assert rg["distance"].shape == (nt,) and rg["valid"].dtype == bool and rg["landmarks"].shape == (106, 3)
+    rqc = [dict(r["qc"]) for r in runs if r["stage"] == "registration"]
+    assert all(q["mean_distance_mm"] < 0.5 and q["valid_fraction"] > 0.5 and q["n_flipped"] == 0 for q in rqc), rqc
     assert all(n == 1 for n in (cat.n_parts("subjects"), cat.n_parts("samples"), cat.n_parts("stage_runs")))
     before, rows_before = write_ids(store), comparable(store)
 
@@ -233,7 +254,8 @@ def test_parameter_change_and_deletion_recompute_only_downstream(harness, cluste
     got = outcomes(str(store), s.build_id)
     for (_, _, _, stage), outcome in got.items():
         assert outcome == ("computed" if stage in DOWNSTREAM["texture"] else "cached"), (stage, outcome)
-    assert kernel_calls == {"texture": n_views, "landmarks": n_views, "fusion": n_samples, "surface": n_samples}
+    assert kernel_calls == {"texture": n_views, "landmarks": n_views, "fusion": n_samples, "surface": n_samples,
+                            "registration": n_samples}
 
     # delete one artifact: it and its dependants (of that view only) are rebuilt
     st = open_store(store, create=False)
@@ -247,7 +269,7 @@ def test_parameter_change_and_deletion_recompute_only_downstream(harness, cluste
     for (subj, sample, view, stage), outcome in got.items():
         hit = sample == "neutral" and view in ("left", None) and stage in DOWNSTREAM["depth"]
         assert outcome == ("computed" if hit else "cached"), (sample, view, stage, outcome)
-    assert kernel_calls == {"depth": 1, "texture": 1, "landmarks": 1, "fusion": 1, "surface": 1}
+    assert kernel_calls == {"depth": 1, "texture": 1, "landmarks": 1, "fusion": 1, "surface": 1, "registration": 1}
     assert st.artifacts.exists(victim) and write_ids(store)[victim] != old_ids[victim]
 
 
@@ -337,7 +359,7 @@ def test_chain_unit_shares_arrays_in_memory_and_reuses_per_stage(raw, kernel_cal
     rec = run_chain(SAMPLE_CHAIN, t, changed, store=st)
     assert {(s.stage, s.outcome) for s in rec.stages} == {
         (n, "computed" if n in DOWNSTREAM["texture"] else "cached") for n in STAGES}
-    assert kernel_calls == {"texture": 3, "landmarks": 3, "fusion": 1, "surface": 1}
+    assert kernel_calls == {"texture": 3, "landmarks": 3, "fusion": 1, "surface": 1, "registration": 1}
     assert set(reads) == {"decode", "depth"}  # only inputs of the rerun stages that were not computed here
 
     kernel_calls.clear()

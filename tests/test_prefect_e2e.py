@@ -95,13 +95,14 @@ def test_build_against_real_server_and_cluster(services, tmp_path):
     synthesize(cfg.synth, raw, tmp_path / "gt")
     store = tmp_path / "store"
     conf = tmp_path / "build.yaml"  # tiny views: a 3000-vertex surface instead of 100k
-    conf.write_text("build:\n  stages:\n    surface:\n      target_vertices: 3000\n")
+    conf.write_text("build:\n  stages:\n    surface:\n      target_vertices: 3000\n"
+                    "    registration:\n      template:\n        n_vertices: 2000\n")
     r = subprocess.run([sys.executable, "-m", "flows.cli", "build", "--raw", str(raw), "--store", str(store),
                         "--dask-address", address, "--quiet", "--json", "--config", str(conf)], cwd=ROOT,
                        env={**env, "PREFECT_API_URL": api}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["failed"] == 0 and summary["computed"] == 2 * (3 * 5 + 2)
+    assert summary["failed"] == 0 and summary["computed"] == 2 * (3 * 5 + 3)
 
     runs = _post(f"{api}/flow_runs/filter", {"flows": {"name": {"any_": ["build-subject"]}}})
     by_name = {}
@@ -114,8 +115,8 @@ def test_build_against_real_server_and_cluster(services, tmp_path):
         qc = [a for a in arts if a["type"] == "table" and a["key"].startswith(f"qc-{name.lower()}-")]
         assert len(qc) == 1
         table = json.loads(qc[0]["data"]) if isinstance(qc[0]["data"], str) else qc[0]["data"]
-        assert len(table) == 3 * 5 + 2 and {row["stage"] for row in table} == {
-            "decode", "depth", "texture", "mesh", "landmarks", "fusion", "surface"}
+        assert len(table) == 3 * 5 + 3 and {row["stage"] for row in table} == {
+            "decode", "depth", "texture", "mesh", "landmarks", "fusion", "surface", "registration"}
         tasks = _post(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [fr["id"]]}}})
         names = {t["name"] for t in tasks}
         assert f"sample-{name}-neutral" in names  # one task per sample runs its views' stages
@@ -149,15 +150,16 @@ def test_deploy_and_run_through_a_process_worker(services, tmp_path):
     prefect("work-pool", "create", "pixelface-local", "--type", "process")
     prefect("deploy", "--all")
     deps = _post(f"{api}/deployments/filter", {})
-    assert [d["name"] for d in deps] == ["nightly"]
-    assert deps[0]["work_pool_name"] == "pixelface-local"
+    assert sorted(d["name"] for d in deps) == ["after-model", "nightly", "on-demand", "qc"]
+    assert {d["work_pool_name"] for d in deps} == {"pixelface-local"}
 
     log = open(tmp_path / "logs" / "process-worker.log", "w")
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "pixelface-local"], cwd=ROOT,
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         params = json.dumps({"raw": str(raw), "store": str(store), "dask_address": address,
-                             "prefect_home": env["PREFECT_HOME"], "stages": {"surface": {"target_vertices": 3000}}})
+                             "prefect_home": env["PREFECT_HOME"], "stages": {"surface": {"target_vertices": 3000},
+                                                         "registration": {"template": {"n_vertices": 2000}}}})
         prefect("deployment", "run", "build-dataset/nightly", "--param", f"config={params}")
 
         def done():
