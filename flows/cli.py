@@ -212,7 +212,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from flows.report import write_report
 
     cfg = _store_config(args)
-    path = write_report(cfg.build.store, Path(args.out))
+    path = write_report(cfg.build.store, Path(args.out), model_id=args.model, eval_id=args.eval)
     print(f"report written to {path}")
     return EXIT_OK
 
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the static HTML QC report of a store")
     p.add_argument("--store", type=Path, required=True, help="store root")
     p.add_argument("--out", type=Path, required=True, help="folder to write index.html and the PNG plots into")
+    p.add_argument("--model", help="model id (default: the evaluation's full model, else the newest)")
+    p.add_argument("--eval", help="evaluation id (default: the newest)")
     p.add_argument("--config", type=Path, help="YAML/TOML/JSON file (the one the build used, if any)")
     p.set_defaults(func=cmd_report)
 
