@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+from distributed import WorkerPlugin
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 from prefect.artifacts import update_progress_artifact
@@ -69,6 +70,40 @@ class DaskRunner(DaskTaskRunner):
         future = self.client.submit(task, parameters=parameters, wait_for=wait_for, dependencies=dependencies,
                                     return_type="state", pure=False)
         return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
+
+
+def limit_kernel_threads(n: int = 1) -> None:
+    """Run kernels on ``n`` threads in this process: Open3D's TBB pool and the BLAS/OpenMP pools.
+
+    A Dask worker runs one task per thread, so its kernels must not spread over every core
+    (oversubscription). Open3D 0.20 parallelises with oneTBB and ignores ``OMP_NUM_THREADS``;
+    its ICP then sums in a thread-dependent order and the fused transforms differed in the last
+    bits from run to run (found by ``tests/test_reliability.py``). One thread makes them
+    bitwise reproducible.
+    """
+    import open3d
+    from threadpoolctl import threadpool_limits
+
+    open3d.utility.set_max_threads(n)
+    threadpool_limits(n)
+
+
+class KernelThreads(WorkerPlugin):
+    """Worker plugin: :func:`limit_kernel_threads` on every worker of the cluster, present and future
+    (a worker restarted by its nanny gets it too)."""
+
+    name = "pixelface-kernel-threads"
+
+    def setup(self, worker):
+        limit_kernel_threads(1)
+
+
+def prepare_workers(address: str) -> None:
+    """Register :class:`KernelThreads` with the scheduler at ``address`` (idempotent)."""
+    from distributed import Client
+
+    with Client(address, timeout=60) as client:
+        client.register_plugin(KernelThreads())
 
 
 CHAINS: dict[str, Chain] = {"sample": SAMPLE_CHAIN, "view": VIEW_CHAIN}
@@ -232,9 +267,28 @@ def build_subject(subject: str, options: BuildOptions, unit: str | None = None):
     return summary
 
 
+DASK_CONFIG = {"distributed.admin.low-level-log-length": 50}
+"""Dask settings of a build. Every Dask comm keeps its last ``low-level-log-length`` messages
+(default 1000) for debugging, and a ``compute-task`` message carries the pickled Prefect task with
+its whole run context (tens of kB): the LocalCluster's scheduler, which runs in the driver, grew
+by ~0.3 MB per subject until those logs filled (``benchmarks/orchestration_scale.py``). Also
+the scheduler's transition and event logs and the workers' logs. Set for the driver (scheduler
+and clients) and handed to LocalCluster workers; an external scheduler and its workers take it
+from ``DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH=50``."""
+
+
 @contextmanager
 def dask_cluster(cfg: BuildConfig) -> Iterator[str]:
     """The scheduler address: ``cfg.dask_address``, or a LocalCluster sized to the machine."""
+    import dask
+
+    with dask.config.set(DASK_CONFIG):
+        with _cluster(cfg) as address:
+            yield address
+
+
+@contextmanager
+def _cluster(cfg: BuildConfig) -> Iterator[str]:
     if cfg.dask_address:
         yield cfg.dask_address
         return
@@ -286,6 +340,7 @@ def build_dataset(config: BuildConfig, build_id: str | None = None) -> DatasetSu
     done: list[SubjectSummary] = []
     notify = _on_subject.get()
     with dask_cluster(config) as address:
+        prepare_workers(address)
         log.info("build %s: %d subjects on Dask %s -> %s", build_id, len(subjects), address, config.store)
         n_workers = config.workers or (os.cpu_count() or 1)
         in_flight = config.max_concurrent_subjects or max(2, 2 * n_workers)
@@ -308,6 +363,9 @@ def build_dataset(config: BuildConfig, build_id: str | None = None) -> DatasetSu
                     update_progress_artifact(progress_id, 100.0 * len(done) / max(1, len(subjects)),
                                              description=f"build {build_id}: {len(done)} of {len(subjects)} "
                                                          "subjects")
+    gone = prepare_store(config.store)  # garbage of writers that died during this build (a lost worker)
+    if gone:
+        log.info("removed %d leftovers of writes interrupted during this build", len(gone))
     compact_catalog(config.store)
     summary = DatasetSummary(build_id=build_id, store=config.store, subjects=sorted(done, key=lambda s: s.subject),
                              seconds=time.perf_counter() - t0, dask_address=config.dask_address)

@@ -4,7 +4,8 @@ Kept free of Prefect imports at module level: the environment (``PREFECT_HOME`` 
 work folder, analytics off) is set before Prefect is first imported.
 
 Exit status: 0 when every stage of every sample completed, 1 when some failed (after all
-others finished), 2 for bad arguments or input (the CLI's ``error: ...`` convention).
+others finished), 2 for bad arguments or input, or a store that cannot be written (read-only,
+full): checked before anything starts (the CLI's ``error: ...`` convention).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = build_config_from_args(args)
     if not Path(cfg.raw).is_dir():
         raise FileNotFoundError(f"--raw {cfg.raw}: no such folder")
+    from storage.store import open_store
+
+    open_store(cfg.store)  # a store we cannot write (read-only, full, not a store) fails here, before any work
     configure_environment(Path(cfg.prefect_home))
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

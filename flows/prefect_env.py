@@ -95,9 +95,7 @@ def prefect_api(home: Path | None = None, api_url: str | None = None, timeout_s:
     settings = {PREFECT_HOME: str(home_path), PREFECT_SERVER_ANALYTICS_ENABLED: False}
     with _patched_environ(env), temporary_settings(updates=settings):
         if url is None:
-            from prefect.server.api.server import SubprocessASGIServer
-
-            server = SubprocessASGIServer(port=free_port())
+            server = _server_class()(port=free_port())
             server.start(timeout=int(timeout_s))
             url = server.api_url
         startup = time.perf_counter() - t0
@@ -109,6 +107,51 @@ def prefect_api(home: Path | None = None, api_url: str | None = None, timeout_s:
             if server is not None:
                 _drain_prefect_workers()
                 server.stop()
+
+
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "parent = int(sys.argv[1])\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != parent:\n"
+    "    sys.exit(0)  # the build died before the line above\n"
+    "os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n"
+)
+"""Runs the API server in place of itself after asking Linux to send it SIGTERM when its parent (the
+build) dies: a build killed alone (``kill -9 PID``, the OOM killer) leaves no orphaned server."""
+
+
+def _server_class():
+    """Prefect's temporary-server class with the server started by :data:`_DIE_WITH_PARENT` on Linux.
+
+    Prefect 3.9's ``SubprocessASGIServer`` starts ``uvicorn`` with a plain ``Popen``, so a build
+    killed by ``SIGKILL`` (without its process group) left the server running forever, holding
+    its port and the SQLite database (found by ``tests/test_reliability.py``). The command and
+    environment below are Prefect's (``_run_uvicorn_command``, pinned version); it binds
+    127.0.0.1 only.
+    """
+    import subprocess
+    import sys
+
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    if not sys.platform.startswith("linux"):
+        return SubprocessASGIServer
+
+    class ChildASGIServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                   "PREFECT__SERVER_FINAL": "1",
+                   **get_current_settings().to_environment_variables(exclude_unset=True)}
+            return subprocess.Popen(
+                [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), "-m", "uvicorn", "--app-dir",
+                 str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
+                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env=env)
+
+    return ChildASGIServer
 
 
 def _drain_prefect_workers() -> None:

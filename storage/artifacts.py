@@ -27,6 +27,7 @@ import abc
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -48,6 +49,12 @@ STAGING_DIR = ".staging"
 CHUNK_TARGET_BYTES = 2 << 20
 """Chunks hold about 2 MiB of uncompressed data (whole rows of an image)."""
 ARRAY_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
+STORED_DTYPE_KINDS = "biuf"
+"""Only bool, integer and float arrays are written or read (no object arrays, nothing unpickled)."""
+STAGING_NAME = re.compile(r"^(?P<host>[^-/]+)-(?P<pid>[0-9]+)-[0-9a-f]{32}(-old|-junk|-del)?$")
+"""Names of staging entries (``<host>-<pid>-<uuid>[-old|-junk|-del]``): the only ones
+:meth:`ZarrArtifactStore.clean_partial` ever removes."""
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 WriteMode = Literal["create", "replace"]
 
@@ -140,7 +147,7 @@ def _prepare(ref: ArtifactRef, arrays: Mapping[str, Any], attrs: Mapping[str, An
             raise ValueError(f"{ref.stage} {ref.where()}: array name {name!r} must be lowercase [a-z0-9_], "
                              "not starting with '_'")
         a = np.asarray(value)
-        if a.dtype.kind not in "biuf":
+        if a.dtype.kind not in STORED_DTYPE_KINDS:
             raise ValueError(f"{ref.stage} {ref.where()}: array {name!r} has dtype {a.dtype}; "
                              "only bool, integer and float arrays are stored")
         out[name] = a if a.flags.c_contiguous else a.copy(order="C")
@@ -358,6 +365,23 @@ class ZarrArtifactStore(ArtifactStore):
     def _final(self, ref: ArtifactRef) -> str:
         return self._join(ref.path())
 
+    def _check_inside(self, path: str) -> None:
+        """Refuse to write or delete through a symbolic link that leads out of the store.
+
+        Ids are validated (:class:`ArtifactRef`), so only a link planted inside the store can
+        redirect a path; the nearest existing ancestor of ``path`` is resolved and must stay
+        below the (resolved) root.
+        """
+        if not self.local:
+            return
+        p = Path(path)
+        while not p.exists() and p != self.root and p.parent != p:
+            p = p.parent
+        resolved = p.resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise ArtifactError(f"{path}: leaves the store {self.root} (resolves to {resolved}); refusing to "
+                                "write or delete there")
+
     # -- manifest
     def manifest(self, ref):
         path = f"{self._final(ref)}/{MANIFEST_NAME}"
@@ -407,9 +431,20 @@ class ZarrArtifactStore(ArtifactStore):
             self._write_group(final, arrays, m)
             return WriteResult(m, True)
         staging = self.root / STAGING_DIR / self._staging_name()
+        self._check_inside(str(staging))
+        self._check_inside(final)
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._write_group(str(staging), arrays, m)
+            try:
+                self._write_group(str(staging), arrays, m)
+            except OSError as exc:
+                if exc.errno in FULL_ERRNOS or exc.errno == errno.EROFS:
+                    err = OSError(f"store {self.root}: cannot write {ref.stage} {ref.where()} "
+                                  f"({os.strerror(exc.errno)}); nothing was committed, existing artifacts "
+                                  "are unchanged")
+                    err.errno = exc.errno
+                    raise err from exc
+                raise
             Path(final).parent.mkdir(parents=True, exist_ok=True)
             if replace:
                 old = self.root / STAGING_DIR / (self._staging_name() + "-old")
@@ -451,8 +486,11 @@ class ZarrArtifactStore(ArtifactStore):
         final = self._final(ref)
         out = {}
         for n in self._select(m, names):
+            if np.dtype(m.arrays[n].dtype).kind not in STORED_DTYPE_KINDS:
+                raise ArtifactError(f"{ref.stage} {ref.where()}: array {n!r} has dtype {m.arrays[n].dtype} in its "
+                                    "manifest; only bool, integer and float arrays are read")
             target = f"{final}/{n}" if self.local else f"{self.url}/{ref.path()}/{n}"
-            a = zarr.open_array(target, mode="r")[...]
+            a = zarr.open_array(target, mode="r", zarr_format=3)[...]
             spec = m.arrays[n]
             if tuple(a.shape) != spec.shape or a.dtype.str != spec.dtype:
                 raise ArtifactError(f"{ref.stage} {ref.where()}: array {n!r} is {a.dtype}{a.shape}, "
@@ -466,6 +504,7 @@ class ZarrArtifactStore(ArtifactStore):
         final = self._final(ref)
         if not self.fs.exists(final):
             return False
+        self._check_inside(final)
         if self.local:  # make it invisible at once, then remove
             trash = self.root / STAGING_DIR / (self._staging_name() + "-del")
             trash.parent.mkdir(parents=True, exist_ok=True)
@@ -496,18 +535,20 @@ class ZarrArtifactStore(ArtifactStore):
         now = time.time()
         if self.local:
             staging = self.root / STAGING_DIR
-            if not staging.is_dir():
+            if staging.is_symlink() or not staging.is_dir():  # never remove anything through a link
                 return removed
             for p in staging.iterdir():
-                host, _, rest = p.name.partition("-")
-                pid_text = rest.split("-", 1)[0]
+                name = STAGING_NAME.match(p.name)
+                if name is None:  # not ours: left alone
+                    continue
                 try:
-                    age = now - p.stat().st_mtime
+                    age = now - p.lstat().st_mtime
                 except FileNotFoundError:
                     continue
-                dead = host == self._host and pid_text.isdigit() and not _pid_alive(int(pid_text))
+                dead = name["host"] == self._host and not _pid_alive(int(name["pid"]))
                 if dead or age > max_age_s:
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() \
+                        else p.unlink(missing_ok=True)
                     removed.append(str(p))
             return removed
         # in-place writes: artifact folders without a manifest, old enough not to be in progress

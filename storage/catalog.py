@@ -15,6 +15,7 @@ compaction (or after a crash in the middle of one) still sees each row once.
 from __future__ import annotations
 
 import abc
+import errno
 import os
 import socket
 import threading
@@ -280,9 +281,21 @@ class ParquetCatalog(Catalog):
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"{prefix}-{stamp}-{uuid.uuid4().hex}.parquet"
         tmp = f"{d}/.tmp-{self._tag}-{name}"
-        with self.fs.open(tmp, "wb") as f:
-            pq.write_table(t, f, compression=self.compression)
-        self.fs.mv(tmp, f"{d}/{name}")
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                pq.write_table(t, f, compression=self.compression)
+            self.fs.mv(tmp, f"{d}/{name}")
+        except OSError as exc:
+            try:
+                self.fs.rm(tmp)
+            except OSError:
+                pass
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                err = OSError(f"catalog {self.root}: cannot write {table} rows ({os.strerror(exc.errno)}); "
+                              "nothing was recorded")
+                err.errno = exc.errno
+                raise err from exc
+            raise
         return f"{d}/{name}"
 
     def _append(self, table, t):
@@ -296,12 +309,22 @@ class ParquetCatalog(Catalog):
             return None
 
     def _parts(self, table):
-        out = []
-        for p in self._files(table):
-            t = self._read_file(p)
-            if t is not None:
-                out.append(t)
-        return out
+        """Every file's rows; a file removed by a concurrent compaction while this reads is replaced by
+        re-listing: the compaction wrote its merged file before removing any part, so a re-list finds it."""
+        out, seen = [], set()
+        while True:
+            vanished = False
+            for p in self._files(table):
+                if p in seen:
+                    continue
+                seen.add(p)
+                t = self._read_file(p)
+                if t is None:
+                    vanished = True
+                else:
+                    out.append(t)
+            if not vanished:
+                return out
 
     def compact(self, table):
         if self.read_only:
@@ -325,6 +348,8 @@ class ParquetCatalog(Catalog):
         host = self._tag.split("-")[0]
         for table in SCHEMAS:
             d = self.table_dir(table)
+            if os.path.islink(d):  # never follow a link out of the store
+                continue
             try:
                 entries = self.fs.ls(d, detail=True)
             except FileNotFoundError:

@@ -17,12 +17,15 @@ This package is the only code that reads or writes the store; it imports no Pref
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.artifacts import ArtifactStore, MemoryArtifactStore, ZarrArtifactStore
+from storage.artifacts import STAGING_DIR, ArtifactStore, MemoryArtifactStore, ZarrArtifactStore
 from storage.catalog import Catalog, MemoryCatalog, ParquetCatalog
 
 STORE_FORMAT = "pixelface-store"
@@ -64,6 +67,9 @@ def open_store(url: str | os.PathLike, *, create: bool = True, read_only: bool =
         The folder holds something else, or a newer store version.
     FileNotFoundError
         ``create=False`` and there is no store.
+    PermissionError
+        ``create=True`` (opening to build into it) and the store is not writable
+        (:func:`check_writable`).
     """
     import fsspec
 
@@ -90,7 +96,50 @@ def open_store(url: str | os.PathLike, *, create: bool = True, read_only: bool =
         with fs.open(tmp, "w") as f:
             json.dump({"format": STORE_FORMAT, "version": STORE_VERSION}, f)
         fs.mv(tmp, marker)
+    if local and create and not read_only:  # opened to build into: refuse a read-only or full store now
+        check_writable(Path(root))
     return Store(ZarrArtifactStore(s, read_only=read_only), ParquetCatalog(s, read_only=read_only), s)
+
+
+def check_writable(root: Path) -> None:
+    """Create and remove one small file in ``root/.staging``: a store that cannot take it is refused
+    before any work starts.
+
+    Raises
+    ------
+    PermissionError
+        The store (or its file system) is read-only; the message names the store and says how to
+        read it anyway (``read_only=True``).
+    OSError
+        ``ENOSPC`` / ``EDQUOT``: no space left for the store.
+    """
+    # named like a staging folder, so a probe left by a killed process is removed by ``clean_partial``
+    probe = root / STAGING_DIR / f"{socket.gethostname().replace('-', '_')}-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"pixelface")
+        probe.unlink()
+    except OSError as exc:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise _os_error(PermissionError, exc.errno or errno.EACCES,
+                            f"store {root} is not writable ({reason}); nothing was changed "
+                            "(open it with read_only=True to read it)") from None
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _os_error(OSError, exc.errno, f"store {root}: {reason}; nothing was changed") from None
+        raise
+
+
+def _os_error(cls: type[OSError], code: int, message: str) -> OSError:
+    """``cls(message)`` with ``errno`` set (``OSError(code, message)`` would print ``[Errno n]``)."""
+    exc = cls(message)
+    exc.errno = code
+    return exc
 
 
 def memory_store() -> Store:
