@@ -225,9 +225,8 @@ def read_model(store_url: str | os.PathLike, model_id: str | None = None) -> tup
     return arrays, card
 
 
-def list_models(store_url: str | os.PathLike) -> list[str]:
-    """Published model ids, oldest first (by the card's ``published_at``)."""
-    base = _root(store_url) / MODELS_DIR
+def _published(base: Path) -> list[str]:
+    """Folder names under ``base`` holding a card, oldest first (by the card's ``published_at``)."""
     if not base.exists():
         return []
     out = []
@@ -237,6 +236,11 @@ def list_models(store_url: str | os.PathLike) -> list[str]:
             continue
         out.append((json.loads(c.read_text()).get("published_at", ""), d.name))
     return [name for _, name in sorted(out)]
+
+
+def list_models(store_url: str | os.PathLike) -> list[str]:
+    """Published model ids, oldest first (by the card's ``published_at``)."""
+    return _published(_root(store_url) / MODELS_DIR)
 
 
 # -- evaluations ---------------------------------------------------------------------------------
@@ -265,16 +269,8 @@ def publish_evaluation(store_url: str | os.PathLike, eval_id: str, tables: Mappi
 
 
 def list_evaluations(store_url: str | os.PathLike) -> list[str]:
-    base = _root(store_url) / EVALS_DIR
-    if not base.exists():
-        return []
-    out = []
-    for d in base.iterdir():
-        c = d / CARD_NAME
-        if d.name.startswith(".") or not c.exists():
-            continue
-        out.append((json.loads(c.read_text()).get("published_at", ""), d.name))
-    return [name for _, name in sorted(out)]
+    """Published evaluation ids, oldest first."""
+    return _published(_root(store_url) / EVALS_DIR)
 
 
 def read_evaluation(store_url: str | os.PathLike, eval_id: str | None = None) -> tuple[dict[str, pa.Table], dict]:

@@ -37,6 +37,7 @@ Bookkeeping stays **per stage**:
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import time
@@ -61,6 +62,7 @@ STAGE_RETRIES = 2
 STAGE_RETRY_DELAY_S = 1.0
 NON_TRANSIENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                            FileExistsError)
+NON_TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 Outcome = Literal["computed", "cached", "failed", "upstream_failed"]
 log_default = logging.getLogger("pixelface.tasks")
 
@@ -379,6 +381,8 @@ def is_transient(exc: BaseException) -> bool:
     """IO hiccups worth a retry (OSError other than missing/permission, timeouts), nothing else."""
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
+    if isinstance(exc, OSError) and exc.errno in NON_TRANSIENT_ERRNOS:
+        return False   # a full disk, an exceeded quota or a read-only file system stays so
     return isinstance(exc, OSError) and not isinstance(exc, NON_TRANSIENT_OS_ERRORS)
 
 

@@ -807,7 +807,9 @@ def _landmarks(prep: _Prepared, group: Group, ph: PhotometryParams, gen: np.rand
         facing[ok] = np.einsum("ij,ij->i", nrm.astype(np.float64), d[ok]) < 0  # normal towards camera
     vis = ok & facing
     visible[known[vis]] = True
-    out[known[vis]] = px[vis] + noise[known[vis]]
+    # an annotator clicks inside the image: the noisy position stays within its pixel bounds
+    lo, hi = np.array([-0.5, -0.5]), np.array([cam.width - 0.5, cam.height - 0.5])
+    out[known[vis]] = np.clip(px[vis] + noise[known[vis]], lo, hi)
     return out, visible
 
 
