@@ -43,7 +43,7 @@ from prefect_dask import DaskTaskRunner
 from prefect_dask.task_runners import PrefectDaskFuture
 from pydantic import BaseModel, ConfigDict
 
-from pixelface.config import BuildConfig, BuildOptions
+from pixelface.config import BuildConfig, BuildOptions, with_template_hash
 from tasks.catalog import (RunRow, SubjectPlan, compact_catalog, list_subjects, plan_subject, prepare_store,
                            record_subject)
 from tasks.stage import Chain, Target, UnitRecord, chain_task, expand, with_store_results
@@ -330,6 +330,7 @@ def build_dataset(config: BuildConfig, build_id: str | None = None) -> DatasetSu
     t0 = time.perf_counter()
     log = get_run_logger()
     build_id = build_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    config = with_template_hash(config)   # a user template's file hash joins the registration key
     subjects = list_subjects(config.raw, config.subjects)
     removed = prepare_store(config.store)
     if removed:

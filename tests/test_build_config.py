@@ -44,3 +44,28 @@ def test_only_the_stage_own_parameters_enter_its_key():
     raw = {"raw": "0" * 40}
     assert artifact_key("decode", "1", a.decode, raw) == artifact_key("decode", "1", b.decode, raw)
     assert artifact_key("texture", "1", a.texture, raw) != artifact_key("texture", "1", b.texture, raw)
+
+
+def test_user_template_files_are_hashed_into_the_registration_key(tmp_path):
+    from kernels.template import default_template
+    from pixelface.config import load_config, with_template_hash
+    from storage.keys import params_hash
+    from storage.template_io import write_template
+    from tasks.sample_stages import load_template
+
+    files = [tmp_path / n for n in ("t.ply", "lm.json", "parts.json")]
+    write_template(default_template(2000), *files)
+    tpl = {"mesh": str(files[0]), "landmarks": str(files[1]), "parts": str(files[2])}
+    cfg = with_template_hash(load_config(overrides={"build": {"stages": {"registration": {"template": tpl}}}}).build)
+    reg = cfg.stages.registration
+    assert reg.template.sha256 and load_template(reg.template).n_vertices > 1900
+    key = params_hash(reg)
+    # a changed file gives another key, and a stage configured with the old hash refuses it
+    files[2].write_text(files[2].read_text().replace('"version": 1', '"version": 1 '))
+    assert params_hash(with_template_hash(cfg.model_copy(update={"stages": cfg.stages.model_copy(update={
+        "registration": reg.model_copy(update={"template": reg.template.model_copy(update={"sha256": None})})})})
+    ).stages.registration) != key
+    with pytest.raises(ValueError, match="changed since the build was configured"):
+        load_template(reg.template)
+    with pytest.raises(ValueError, match="give all of mesh, landmarks and parts"):
+        load_config(overrides={"build": {"stages": {"registration": {"template": {"mesh": str(files[0])}}}}})
