@@ -223,6 +223,12 @@ def build_subject(subject: str, options: BuildOptions, unit: str | None = None):
     unit = unit or UNIT
     chain = CHAINS[unit]
     plan: SubjectPlan = plan_subject(options.raw, subject)
+    if plan.error:  # the subject itself is unreadable: record why, build nothing of it
+        log.error("subject %s not built: %s", subject, plan.error)
+        record_subject(options.store, build_id, flow_run_id, plan, [])
+        summary = SubjectSummary(subject=subject, flow_run_id=flow_run_id, failed=1, errors=[plan.error],
+                                 seconds=time.perf_counter() - t0)
+        return Failed(message=f"subject {subject}: {plan.error}", data=summary)
     unit_task = with_store_results(UNIT_TASKS[unit], options.store)
     submitted = []
     for s in plan.samples:

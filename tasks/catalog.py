@@ -34,13 +34,15 @@ class SamplePlan(_Frozen):
 
 
 class SubjectPlan(_Frozen):
-    """A subject's metadata and samples, read from the raw root."""
+    """A subject's metadata and samples, read from the raw root (or why they cannot be)."""
 
     subject: str
-    gender: str
-    age: int | None
-    split: str
-    samples: tuple[SamplePlan, ...]
+    gender: str = "unknown"
+    age: int | None = None
+    split: str = ""
+    samples: tuple[SamplePlan, ...] = ()
+    error: str | None = None
+    """Set when the subject itself is unreadable (bad ``subject.json``, ...): nothing of it is built."""
 
 
 class RunRow(_Frozen):
@@ -84,9 +86,13 @@ def list_subjects(raw: str, only: list[str] | None = None) -> list[str]:
 def plan_subject(raw: str, subject: str) -> SubjectPlan:
     """Read ``subject.json`` and every ``sample.json``; a bad sample is planned as failed, not raised."""
     ds = RawDataset(Path(raw))
-    meta = ds.subject(subject)
+    try:
+        meta = ds.subject(subject)
+        sample_ids = ds.samples(subject)
+    except RawFormatError as exc:
+        return SubjectPlan(subject=subject, error=f"{type(exc).__name__}: {exc}")
     samples = []
-    for sid in ds.samples(subject):
+    for sid in sample_ids:
         try:
             sm = ds.sample(subject, sid)
         except RawFormatError as exc:
@@ -117,13 +123,18 @@ def record_subject(store: str, build_id: str, flow_run_id: str | None, plan: Sub
     extra = [RunRow(subject_id=plan.subject, sample_id=s.sample, view_id=None, stage="plan", artifact_key=None,
                     status="failed", outcome="failed", error=s.error, finished_at=datetime.now(timezone.utc))
              for s in plan.samples if s.error]
+    if plan.error:
+        extra.append(RunRow(subject_id=plan.subject, sample_id="", view_id=None, stage="plan", artifact_key=None,
+                            status="failed", outcome="failed", error=plan.error,
+                            finished_at=datetime.now(timezone.utc)))
     run_rows = [dict(build_id=build_id, flow_run_id=flow_run_id, **r.model_dump()) for r in [*rows, *extra]]
     n_bad = sum(s["status"] == "failed" for s in samples)
+    error = plan.error or (f"{n_bad} of {len(samples)} samples failed" if n_bad else None)
     cat.append("subjects", [dict(build_id=build_id, subject_id=plan.subject, gender=plan.gender, age=plan.age,
                                  split=plan.split, n_samples=len(plan.samples),
-                                 status="failed" if n_bad else "completed",
-                                 error=f"{n_bad} of {len(samples)} samples failed" if n_bad else None)])
-    cat.append("samples", samples)
+                                 status="failed" if error else "completed", error=error)])
+    if samples:
+        cat.append("samples", samples)
     return cat.append("stage_runs", run_rows)
 
 

@@ -14,7 +14,7 @@ Levels and their outcome in ``pixelface build``:
 * ``sample``: planning refuses the sample (a ``plan`` row ``failed`` in ``stage_runs``, the
   ``samples`` row ``failed``); no stage of it runs; exit status 1.
 * ``subject``: planning refuses the subject (``subject.json`` or the subject folder); its
-  flow run fails with the message, every other subject completes; exit status 1.
+  flow run fails with the message (and a failed `plan` row), every other subject completes; exit status 1.
 * ``dataset``: nothing can be read; ``pixelface build`` stops at once, exit status 2.
 * ``build-cli`` / ``scan-cli``: bad command-line input; exit status 2, nothing written.
 """
@@ -43,11 +43,12 @@ DAMAGED_SUBJECT = "S0001"
 VIEWS = ("left", "middle", "right")
 
 OUTCOMES = {
-    "view": "`decode` of the view fails; its other stages and the sample's `fusion`/`surface` are "
-            "`upstream_failed`; the other views complete; exit 1",
+    "view": "`decode` of the view fails; its other stages and the sample's `fusion`/`surface`/`registration` "
+            "are `upstream_failed`; the other views complete; exit 1",
     "sample": "planning refuses the sample: `plan` row failed, `samples` row failed, no stage runs; exit 1",
     "subject": "planning refuses the subject: its flow run fails with the message (stderr `FAILED <subject>: "
-               "...`); other subjects complete; exit 1",
+               "...`), a failed `plan` row (sample id empty) and a failed `subjects` row say why; other "
+               "subjects complete; exit 1",
     "dataset": "`pixelface build` stops before any work: `error: ...` on stderr, exit 2",
     "build-cli": "`pixelface build` refuses the arguments: `error: ...` on stderr, exit 2",
     "scan-cli": "`pixelface scan` refuses the input: one-line `error: ...`, exit 2, nothing written",

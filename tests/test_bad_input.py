@@ -218,9 +218,15 @@ def test_subject_defects_fail_only_their_subject(built):
             continue
         problems += [f"{d.key}: {p}" for p in _located(mine[0].split(": ", 1)[1], f"subject {d.key} / file ",
                                                        d.file, d.needle)]
-        # nothing of it was built
+        # nothing of it was built, and the stage-run table says why
         if any(r["subject_id"] == d.key and r["status"] == "completed" for r in built.rows):
             problems.append(f"{d.key}: has completed stage rows")
+        plan = [r for r in built.rows if r["subject_id"] == d.key and r["stage"] == "plan"]
+        if len(plan) != 1 or plan[0]["status"] != "failed":
+            problems.append(f"{d.key}: expected one failed 'plan' row, got {plan}")
+        else:
+            problems += [f"{d.key} (row): {p}" for p in _located(plan[0]["error"], f"subject {d.key} / file ",
+                                                                 d.file, d.needle)]
     assert any(ln.startswith("FAILED Subject-twin: ") and "letter case" in ln for ln in failed), failed
     assert not problems, "\n".join(problems)
 
