@@ -109,3 +109,23 @@ def check_int(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
         raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_point_pairs(src, dst, weights=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate corresponding point sets for a rigid / similarity fit.
+
+    Returns ``src`` (n, 3), ``dst`` (n, 3) float64 and weights (n,) (ones when ``None``).
+
+    Raises
+    ------
+    ValueError
+        Shapes differ, n < 3, non-finite values, negative weights or a zero weight sum.
+    """
+    src = as_array(src, "src", (None, 3), finite=True)
+    dst = as_array(dst, "dst", (src.shape[0], 3), finite=True)
+    if src.shape[0] < 3:
+        raise ValueError(f"src: need at least 3 point pairs, got {src.shape[0]}")
+    w = np.ones(src.shape[0]) if weights is None else as_array(weights, "weights", (src.shape[0],), finite=True)
+    if np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights: must be >= 0 with a positive sum")
+    return src, dst, w

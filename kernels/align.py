@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels._checks import as_array, as_rng, check_int, check_number
+from kernels._checks import as_array, as_rng, check_int, check_number, check_point_pairs
 
 FALLBACK = "fallback: stored calibration"
 
@@ -132,13 +132,7 @@ def kabsch(src, dst, weights=None) -> np.ndarray:
     S. Umeyama, "Least-squares estimation of transformation parameters between two point
     patterns", IEEE TPAMI 13(4), 1991.
     """
-    src = as_array(src, "src", (None, 3), finite=True)
-    dst = as_array(dst, "dst", (src.shape[0], 3), finite=True)
-    if src.shape[0] < 3:
-        raise ValueError(f"src: need at least 3 point pairs, got {src.shape[0]}")
-    w = np.ones(src.shape[0]) if weights is None else as_array(weights, "weights", (src.shape[0],), finite=True)
-    if np.any(w < 0) or w.sum() <= 0:
-        raise ValueError("weights: must be >= 0 with a positive sum")
+    src, dst, w = check_point_pairs(src, dst, weights)
     return _kabsch(src, dst, w)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels._checks import as_array, as_rng, check_int, check_number
+from kernels._checks import as_array, as_rng, check_int, check_number, check_point_pairs
 
 __all__ = ["SimilarityParams", "Similarity", "umeyama", "fit_similarity", "landmark_outliers", "polish_rigid",
            "apply_similarity"]
@@ -174,13 +174,7 @@ def umeyama(src, dst, weights=None) -> tuple[float, np.ndarray, np.ndarray]:
     ValueError
         Shapes differ, n < 3, non-finite values, bad weights.
     """
-    src = as_array(src, "src", (None, 3), finite=True)
-    dst = as_array(dst, "dst", (src.shape[0], 3), finite=True)
-    if src.shape[0] < 3:
-        raise ValueError(f"src: need at least 3 point pairs, got {src.shape[0]}")
-    w = np.ones(src.shape[0]) if weights is None else as_array(weights, "weights", (src.shape[0],), finite=True)
-    if np.any(w < 0) or w.sum() <= 0:
-        raise ValueError("weights: must be >= 0 with a positive sum")
+    src, dst, w = check_point_pairs(src, dst, weights)
     return _umeyama(src, dst, w)
 
 

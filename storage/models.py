@@ -212,10 +212,7 @@ def publish_model(store_url: str | os.PathLike, model_id: str, arrays: Mapping[s
 def read_model(store_url: str | os.PathLike, model_id: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Arrays and card of a model (``model_id=None``: the most recently published one)."""
     if model_id is None:
-        ids = list_models(store_url)
-        if not ids:
-            raise FileNotFoundError(f"no model in the store {store_url} (run `pixelface model` first)")
-        model_id = ids[-1]
+        model_id = _newest(list_models(store_url), store_url, "model", "pixelface model")
     d = model_dir(store_url, model_id)
     if not (d / CARD_NAME).exists():
         raise FileNotFoundError(f"no model {model_id!r} in the store {store_url}")
@@ -236,6 +233,12 @@ def _published(base: Path) -> list[str]:
             continue
         out.append((json.loads(c.read_text()).get("published_at", ""), d.name))
     return [name for _, name in sorted(out)]
+
+
+def _newest(ids: list[str], store_url, what: str, command: str) -> str:
+    if not ids:
+        raise FileNotFoundError(f"no {what} in the store {store_url} (run `{command}` first)")
+    return ids[-1]
 
 
 def list_models(store_url: str | os.PathLike) -> list[str]:
@@ -276,10 +279,7 @@ def list_evaluations(store_url: str | os.PathLike) -> list[str]:
 def read_evaluation(store_url: str | os.PathLike, eval_id: str | None = None) -> tuple[dict[str, pa.Table], dict]:
     """Tables and card of an evaluation (``None``: the most recently published one)."""
     if eval_id is None:
-        ids = list_evaluations(store_url)
-        if not ids:
-            raise FileNotFoundError(f"no evaluation in the store {store_url} (run `pixelface evaluate` first)")
-        eval_id = ids[-1]
+        eval_id = _newest(list_evaluations(store_url), store_url, "evaluation", "pixelface evaluate")
     d = evaluation_dir(store_url, eval_id)
     card = json.loads((d / CARD_NAME).read_text())
     tables = {name: pq.read_table(d / f"{name}.parquet") for name in card.get("tables", [])}
