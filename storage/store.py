@@ -145,3 +145,88 @@ def _os_error(cls: type[OSError], code: int, message: str) -> OSError:
 def memory_store() -> Store:
     """The in-memory twin (tests, dry runs)."""
     return Store(MemoryArtifactStore(), MemoryCatalog(), None)
+
+
+# -- Prefect cache records -----------------------------------------------------------------------
+
+CACHE_RECORD_SERIALIZER = {"type": "json", "jsonlib": "json",
+                           "object_encoder": "prefect.serializers.prefect_json_object_encoder",
+                           "object_decoder": "prefect.serializers.prefect_json_object_decoder",
+                           "dumps_kwargs": {}, "loads_kwargs": {}}
+"""The only serializer a cache record under ``STORE/_prefect/results`` may name (Prefect's JSON
+serializer with its own encoder/decoder and no extra arguments, as the unit tasks write them)."""
+
+CACHE_RECORD_CLASSES = frozenset({"tasks.stage.UnitRecord"})
+"""Classes a cache record's JSON may name in ``__class__`` (Prefect's decoder imports them)."""
+
+MAX_CACHE_RECORD_BYTES = 16 * 2**20
+
+
+def _record_problem(path: Path) -> str | None:
+    """Why the cache record at ``path`` must not be handed to Prefect, or ``None`` when it is sound."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return "not a regular file"
+        if path.stat().st_size > MAX_CACHE_RECORD_BYTES:
+            return f"larger than {MAX_CACHE_RECORD_BYTES} bytes"
+        rec = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(rec, dict) or not isinstance(rec.get("metadata"), dict) or not isinstance(rec.get("result"), str):
+        return "not a Prefect result record"
+    ser = rec["metadata"].get("serializer")
+    if ser != CACHE_RECORD_SERIALIZER:
+        kind = ser.get("type") if isinstance(ser, dict) else ser
+        return f"names serializer {kind!r} / settings other than the JSON serializer of the unit tasks"
+    try:
+        payload = json.loads(rec["result"])
+    except ValueError as exc:
+        return f"result is not JSON ({exc})"
+    stack, names = [payload], []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "__class__" in node:
+                names.append(node["__class__"])
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    foreign = sorted({str(n) for n in names} - CACHE_RECORD_CLASSES)
+    if foreign or not names:
+        return f"result names classes {foreign or '(none)'}, expected one of {sorted(CACHE_RECORD_CLASSES)}"
+    return None
+
+
+def vet_cache_record(path: str | os.PathLike) -> str | None:
+    """Check a Prefect cache record before Prefect reads it; quarantine it if it is not sound.
+
+    Prefect reads a cached result with whatever serializer **the record** names (``pickle``
+    included) and imports whatever classes its JSON names, so a record planted in (or damaged
+    in) a shared store could make a build unpickle or import code. Before each unit's cache
+    lookup, its record (if any) must name exactly :data:`CACHE_RECORD_SERIALIZER` and only
+    :data:`CACHE_RECORD_CLASSES`. A record that does not is renamed to
+    ``<name>.rejected-<uuid>`` (kept for inspection, never read) and the unit runs as a cache
+    miss (its artifacts are still reused stage by stage).
+
+    Parameters
+    ----------
+    path : path-like
+        The record file (``STORE/_prefect/results/<cache key>``); a missing file is fine.
+
+    Returns
+    -------
+    str or None
+        The reason the record was quarantined (naming the file), or ``None`` (absent or sound).
+    """
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        return None
+    why = _record_problem(p)
+    if why is None:
+        return None
+    dest = p.with_name(f"{p.name}.rejected-{uuid.uuid4().hex[:12]}")
+    try:
+        os.replace(p, dest)
+    except FileNotFoundError:  # another worker quarantined or replaced it meanwhile
+        return None
+    return f"cache record {p} {why}: moved to {dest.name}, the unit runs as a cache miss"

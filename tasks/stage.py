@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict
 
 from storage.keys import ArtifactRef, artifact_key, canonical, hash_bytes, params_hash, raw_view_key
 from storage.raw import RawDataset
-from storage.store import PREFECT_RESULTS_DIR, Store, open_store
+from storage.store import PREFECT_RESULTS_DIR, Store, open_store, vet_cache_record
 
 STAGE_RETRIES = 2
 STAGE_RETRY_DELAY_S = 1.0
@@ -486,6 +486,17 @@ def _drop_stale_record(ctx, pkey: str) -> None:
         log_default.warning("could not drop stale cache record %s", pkey)
 
 
+def _vet_record(ctx, pkey: str) -> None:
+    """Quarantine the unit's cache record when it is not a JSON ``UnitRecord`` (see :func:`storage.store.vet_cache_record`)."""
+    storage = getattr(getattr(ctx, "result_store", None), "result_storage", None)
+    base = getattr(storage, "basepath", None)
+    if not base:
+        return
+    why = vet_cache_record(Path(base).expanduser() / pkey)
+    if why:
+        log_default.error("%s", why)
+
+
 def _manifest_present(store: Store, ref: ArtifactRef) -> bool:
     return store.artifacts.exists(ref)
 
@@ -498,6 +509,8 @@ def chain_task(chain: Chain):
             store = store_handle(p["target"].store)
             if not all(_manifest_present(store, r) for r in refs):
                 _drop_stale_record(ctx, pkey)
+            else:
+                _vet_record(ctx, pkey)
         return pkey
 
     def fn(target: Target, params: Any, upstream: dict[str, StageRecord] | None = None) -> UnitRecord:

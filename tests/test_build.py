@@ -7,6 +7,7 @@ its own store.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -238,6 +239,49 @@ def test_build_then_identical_rebuild_is_all_cached(harness, cluster, raw, tmp_p
     assert write_ids(store) == before  # nothing rewritten
     assert comparable(store) == rows_before  # identical catalog apart from run ids / times / outcome
     assert cat.read("stage_runs").num_rows == 2 * n_stages  # history kept
+
+    # Cache records planted in the store are never handed to Prefect's deserializer (it would follow
+    # the serializer the record names: pickle, or a JSON decoder of the record's choosing)
+    marker = tmp_path / "unpickled"
+    records = sorted((store / "_prefect" / "results").glob("sample-*"))
+    assert len(records) == 4
+    _plant_records(records[:3], marker)
+    kernel_calls.clear()
+    s3 = build(config(raw, store, cluster))
+    assert not marker.exists()
+    assert s3.failed == 0 and s3.totals()["cached"] == n_stages and not kernel_calls  # stages reused from the store
+    states = sorted(st for n, st in task_states(s3).items() if n.startswith("sample-"))
+    assert states == ["Cached", "Completed", "Completed", "Completed"]
+    for r in records[:3]:
+        assert len(list(r.parent.glob(r.name + ".rejected-*"))) == 1
+        assert json.loads(r.read_text())["metadata"]["serializer"]["type"] == "json"  # rewritten by the run
+    assert write_ids(store) == before
+
+
+class _Touch:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def _plant_records(paths, marker) -> None:
+    """Replace three unit cache records: a pickle record whose loading would create ``marker``, a JSON
+    record naming a foreign decoder, and a JSON record naming a foreign class."""
+    import base64
+    import pickle
+
+    good = json.loads(paths[0].read_text())
+    meta = good["metadata"]
+    paths[0].write_text(json.dumps({"metadata": {**meta, "serializer": {"type": "pickle", "picklelib": "pickle",
+                                                                        "picklelib_version": None}},
+                                    "result": base64.b64encode(pickle.dumps(_Touch(marker))).decode()}))
+    evil = {**meta["serializer"], "object_decoder": "builtins.print"}
+    paths[1].write_text(json.dumps({**json.loads(paths[1].read_text()), "metadata": {**meta, "serializer": evil}}))
+    rec = json.loads(paths[2].read_text())
+    rec["result"] = json.dumps({"__class__": "subprocess.Popen", "data": {"args": ["touch", str(marker)]}})
+    paths[2].write_text(json.dumps(rec))
 
 
 def test_parameter_change_and_deletion_recompute_only_downstream(harness, cluster, raw, tmp_path, kernel_calls):
