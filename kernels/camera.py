@@ -15,6 +15,10 @@ Conventions (see ``docs/conventions.md``)
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -184,27 +188,75 @@ def undistort(xd: np.ndarray, dist: np.ndarray, iterations: int = 20, tol: float
     dist = as_array(dist, "dist", (5,))
     if not np.any(dist):
         return xd.copy()
-    k1, k2, p1, p2, k3 = dist
+    k1, k2, p1, p2, k3 = (float(v) for v in dist)
     x = xd.copy()
+    u, v = x[:, 0].copy(), x[:, 1].copy()
+    x0, y0 = x[:, 0].copy(), x[:, 1].copy()
+    # scalar factors, grouped as numpy groups the expressions below (same rounding)
+    c2k2, c3k3, c2p1, c2p2, c6p1, c6p2 = 2.0 * k2, 3.0 * k3, 2.0 * p1, 2.0 * p2, 6.0 * p1, 6.0 * p2
     for _ in range(int(iterations)):
-        # Newton step on f(x) = distort(x) - xd with the analytic 2x2 Jacobian.
-        u, v = x[:, 0], x[:, 1]
-        r2 = u * u + v * v
-        radial = 1.0 + r2 * (k1 + r2 * (k2 + r2 * k3))
-        drad = k1 + r2 * (2.0 * k2 + 3.0 * k3 * r2)  # d radial / d r2
-        fx = u * radial + 2.0 * p1 * u * v + p2 * (r2 + 2.0 * u * u) - xd[:, 0]
-        fy = v * radial + p1 * (r2 + 2.0 * v * v) + 2.0 * p2 * u * v - xd[:, 1]
-        j11 = radial + 2.0 * u * u * drad + 2.0 * p1 * v + 6.0 * p2 * u
-        j12 = 2.0 * u * v * drad + 2.0 * p1 * u + 2.0 * p2 * v
-        j21 = 2.0 * u * v * drad + 2.0 * p1 * u + 2.0 * p2 * v
-        j22 = radial + 2.0 * v * v * drad + 6.0 * p1 * v + 2.0 * p2 * u
-        det = j11 * j22 - j12 * j21
-        dx = (j22 * fx - j12 * fy) / det
-        dy = (-j21 * fx + j11 * fy) / det
-        x[:, 0] -= dx
-        x[:, 1] -= dy
+        # Newton step on f(x) = distort(x) - xd with the analytic 2x2 Jacobian:
+        #   radial = 1 + r2 (k1 + r2 (k2 + r2 k3)),  drad = d radial / d r2
+        #   fx = u radial + 2 p1 u v + p2 (r2 + 2 u^2) - xd,  fy = v radial + p1 (r2 + 2 v^2) + 2 p2 u v - yd
+        #   j11 = radial + 2 u^2 drad + 2 p1 v + 6 p2 u,  j12 = j21 = 2 u v drad + 2 p1 u + 2 p2 v
+        #   j22 = radial + 2 v^2 drad + 6 p1 v + 2 p2 u
+        # (in-place on a few buffers; every product and sum in the order of the plain formulas)
+        uu = u * u
+        vv = v * v
+        r2 = uu + vv
+        radial = r2 * k3
+        radial += k2
+        radial *= r2
+        radial += k1
+        radial *= r2
+        radial += 1.0
+        drad = r2 * c3k3
+        drad += c2k2
+        drad *= r2
+        drad += k1
+        uv2 = 2.0 * u
+        uv2 *= v                                  # 2 u v
+        t = 2.0 * uu
+        t += r2
+        t *= p2                                   # p2 (r2 + 2 u^2)
+        fx = u * radial
+        fx += (c2p1 * u) * v
+        fx += t
+        fx -= x0
+        t = 2.0 * vv
+        t += r2
+        t *= p1                                   # p1 (r2 + 2 v^2)
+        fy = v * radial
+        fy += t
+        fy += (c2p2 * u) * v
+        fy -= y0
+        j11 = 2.0 * uu
+        j11 *= drad
+        j11 += radial
+        j11 += c2p1 * v
+        j11 += c6p2 * u
+        j12 = uv2 * drad
+        j12 += c2p1 * u
+        j12 += c2p2 * v
+        j22 = 2.0 * vv
+        j22 *= drad
+        j22 += radial
+        j22 += c6p1 * v
+        j22 += c2p2 * u
+        det = j11 * j22
+        det -= j12 * j12
+        dx = j22 * fx
+        dx -= j12 * fy
+        dx /= det
+        dy = j11 * fy
+        dy -= j12 * fx
+        dy /= det
+        u -= dx
+        v -= dy
         if max(np.max(np.abs(dx), initial=0.0), np.max(np.abs(dy), initial=0.0)) < tol:
             break
+    x[:, 0] = u
+    x[:, 1] = v
     return x
 
 
@@ -285,6 +337,94 @@ def pixel_grid(width: int, height: int) -> np.ndarray:
     """All pixel centres of a ``height x width`` image as ``(height*width, 2)`` ``(x, y)``, row-major."""
     ys, xs = np.mgrid[0:height, 0:width]
     return np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float64)
+
+
+# -- per-intrinsics tables, shared by the decoder and the RGB products -----------------------
+
+_GRID_CACHE_SIZE = 4
+_grid_cache: "OrderedDict[bytes, np.ndarray]" = OrderedDict()
+_grid_lock = threading.Lock()
+_cache_clearers: dict[str, Callable[[], int]] = {}
+
+
+def intrinsics_key(cam: Camera) -> bytes:
+    """Digest (SHA-256) of the values the undistorted pixel grid depends on: image size, ``K``
+    and ``dist`` (not the name, not the pose)."""
+    h = hashlib.sha256(np.array([cam.width, cam.height], np.int64).tobytes())
+    h.update(np.ascontiguousarray(cam.K, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(cam.dist, dtype=np.float64).tobytes())
+    return h.digest()
+
+
+def undistorted_pixel_grid(cam: Camera) -> np.ndarray:
+    """Undistorted normalised coordinates of every pixel centre of ``cam``, cached per intrinsics.
+
+    The same values as ``pixels_to_normalized(cam, pixel_grid(cam.width, cam.height))``. They
+    depend only on the image size, ``K`` and ``dist`` (:func:`intrinsics_key`), not on the pose,
+    so the views of a rig that share a lens model, and the calibrations of later sessions of
+    that rig (whose drift moves only the poses), reuse one table. A small LRU (the last 4
+    intrinsics, ~21 MB each at 1280 x 1024) shared by :mod:`kernels.triangulate` (ray tables)
+    and :mod:`kernels.texture` (IR rays in the RGB camera); emptied by :func:`clear_caches`.
+
+    Parameters
+    ----------
+    cam : Camera
+
+    Returns
+    -------
+    (H*W, 2) float64
+        Row-major ``(x_n, y_n)``; read-only (shared).
+    """
+    if not isinstance(cam, Camera):
+        raise ValueError(f"cam: expected a kernels.camera.Camera, got {type(cam).__name__}")
+    key = intrinsics_key(cam)
+    with _grid_lock:
+        hit = _grid_cache.get(key)
+        if hit is not None:
+            _grid_cache.move_to_end(key)
+            return hit
+    xn = pixels_to_normalized(cam, pixel_grid(cam.width, cam.height))
+    xn.setflags(write=False)
+    with _grid_lock:
+        xn = _grid_cache.setdefault(key, xn)   # another thread may have built it meanwhile
+        _grid_cache.move_to_end(key)
+        while len(_grid_cache) > _GRID_CACHE_SIZE:
+            _grid_cache.popitem(last=False)
+    return xn
+
+
+def _clear_grid_cache() -> int:
+    with _grid_lock:
+        n = len(_grid_cache)
+        _grid_cache.clear()
+    return n
+
+
+def register_cache(name: str, clear: Callable[[], int]) -> None:
+    """Register a module's calibration cache with :func:`clear_caches` (``clear()`` empties
+    it and returns the number of entries dropped)."""
+    _cache_clearers[name] = clear
+
+
+def clear_caches(keep_intrinsics: bool = False) -> int:
+    """Forget every cached calibration table of the kernels (as before a worker's first sample).
+
+    Empties the per-calibration caches of the modules that registered one
+    (:func:`kernels.triangulate.ray_table`, the IR -> RGB rays of :mod:`kernels.texture`) and,
+    unless ``keep_intrinsics``, the per-intrinsics undistorted pixel grids
+    (:func:`undistorted_pixel_grid`). ``keep_intrinsics=True`` models a calibration of a new
+    session of a known rig (new poses, same lenses). Thread-safe; results never change, only
+    the time to get them.
+
+    Returns
+    -------
+    int
+        Number of entries dropped.
+    """
+    n = sum(clear() for clear in list(_cache_clearers.values()))
+    if not keep_intrinsics:
+        n += _clear_grid_cache()
+    return n
 
 
 def look_at(position, target, up=(0.0, 1.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:

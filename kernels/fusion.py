@@ -20,7 +20,8 @@ is reduced to confidence-weighted 0.7 mm voxel means (:func:`kernels.merge.voxel
 ``FusionParams.view_voxel_mm``; ~0.22 mm pixels -> ~7x fewer points at a ~0.5 mm spacing,
 still dense enough for a 100k-vertex face mesh), and, when the organised valid masks are passed
 (``masks=``), per-view normals come from the image grid
-(:func:`kernels.merge.organised_normals`) instead of a KD-tree PCA over the fused cloud.
+(:func:`kernels.merge.organised_normals`, over the bounding box of the valid pixels only)
+instead of a KD-tree PCA over the fused cloud.
 ICP and the merge then run on the reduced views (benchmarks/fusion.py).
 
 Frames: every view's points are given in the world frame of the *stored* calibration
@@ -37,8 +38,8 @@ import numpy as np
 
 from kernels._checks import as_array
 from kernels.align import FALLBACK, CoarseAlignment, CoarseParams, align_landmarks
-from kernels.icp import IcpParams, IcpResult, refine_icp
-from kernels.merge import MergeParams, merge_views, organised_normals, voxel_average
+from kernels.icp import IcpParams, IcpResult, prepare_target, refine_icp
+from kernels.merge import MergeParams, _grid_normals, merge_views, valid_box, voxel_average
 
 N_LANDMARKS = 106
 
@@ -192,9 +193,12 @@ def _check_mask(name, mask, n):
 def _view_normals(P, mask, half_window, towards):
     """Grid normals of one view's points (row-major True pixels of ``mask``), oriented as a
     whole so that most face ``towards`` (per-point directions)."""
-    G = np.zeros(mask.shape + (3,))
-    G[mask] = P
-    N = organised_normals(G, mask, half_window)[mask]
+    # only the bounding box of the valid pixels (plus the filter margin) is filtered: the face
+    # covers ~40% of the image; same normals as organised_normals over the whole grid
+    box = valid_box(mask, int(half_window) + 1)
+    if box is None:
+        return np.zeros((0, 3))
+    N = _grid_normals(mask[box[0]:box[1], box[2]:box[3]], P, int(half_window))
     s = np.nansum(np.einsum("ij,ij->i", N, towards))
     return -N if s < 0 else N
 
@@ -300,6 +304,7 @@ def fuse_views(views: dict, pivot: str = "middle", params: FusionParams = Fusion
         conv[name] = False
         qc[f"{name}_dropped"] = 1
         qc[f"{name}_n_points"] = n_view_points[name]
+    pivot_icp = None    # the pivot's ICP pyramid, prepared once for every side view
     for name in names:
         if name == pivot:
             continue
@@ -310,7 +315,9 @@ def fuse_views(views: dict, pivot: str = "middle", params: FusionParams = Fusion
         T = ca.transform
         ir: IcpResult | None = None
         if ca.converged or params.icp_on_fallback:
-            ir = refine_icp(P, Pp, ca.transform, params.icp, target_normals=nrm[pivot])
+            if pivot_icp is None:
+                pivot_icp = prepare_target(Pp, params.icp, target_normals=nrm[pivot])
+            ir = refine_icp(P, pivot_icp, ca.transform, params.icp)
             if ir.converged:
                 T = ir.transform
         icp[name] = ir

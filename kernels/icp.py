@@ -151,6 +151,83 @@ def mean_spacing(points: np.ndarray, sample: int = 2000) -> float:
     return float(np.median(d[:, 1]))
 
 
+@dataclass(frozen=True)
+class IcpTarget:
+    """A target prepared once for several :func:`refine_icp` calls (e.g. both side views onto
+    the pivot): per level of the schedule, the downsampled cloud with its normals.
+
+    Attributes
+    ----------
+    n_points : int
+        Points of the full-resolution target.
+    voxel_mm : tuple of float
+        The schedule's voxel sizes it was prepared for.
+    normal_key : tuple
+        ``(given_normals, normal_radius_factor, normal_max_nn)``: how the normals were made.
+    clouds : tuple of open3d.geometry.PointCloud
+        One per level (with normals); do not modify.
+    """
+
+    n_points: int
+    voxel_mm: tuple
+    normal_key: tuple
+    clouds: tuple
+
+
+def prepare_target(target, params: IcpParams = IcpParams(), *, target_normals=None) -> IcpTarget:
+    """Downsample ``target`` and set its normals for every level of ``params`` (see
+    :func:`refine_icp`, whose ``target`` may then be the returned :class:`IcpTarget`; the
+    result is the same as passing the points, without redoing this per source).
+
+    Parameters
+    ----------
+    target : (m, 3) float64
+        Pivot points (mm), finite, at least 10.
+    params : IcpParams
+    target_normals : (m, 3) float64, optional
+        As in :func:`refine_icp`.
+
+    Returns
+    -------
+    IcpTarget
+
+    Raises
+    ------
+    ValueError
+        Wrong shapes, non-finite points, fewer than 10 points.
+    """
+    dst = as_array(target, "target", (None, 3), finite=True)
+    if dst.shape[0] < 10:
+        raise ValueError(f"target: need at least 10 points, got {dst.shape[0]}")
+    if not isinstance(params, IcpParams):
+        raise ValueError(f"params: expected IcpParams, got {type(params).__name__}")
+    pct = _cloud(dst)
+    if target_normals is not None:
+        tn = as_array(target_normals, "target_normals", dst.shape)
+        pct.normals = o3d.utility.Vector3dVector(np.nan_to_num(tn))
+    clouds = []
+    for vox in params.voxel_mm:
+        t = pct.voxel_down_sample(vox) if vox > 0 else pct
+        if target_normals is not None:
+            # voxel means of the given normals, renormalised; points without one are dropped
+            Nt = np.asarray(t.normals)
+            ln = np.linalg.norm(Nt, axis=1)
+            ok = ln > 1e-6
+            t = _cloud(np.asarray(t.points)[ok])
+            t.normals = o3d.utility.Vector3dVector(Nt[ok] / ln[ok, None])
+        else:
+            # spacing of the (downsampled) target: a tree over the level's points, not the full cloud
+            rad = params.normal_radius_factor * max(vox, mean_spacing(np.asarray(t.points)))
+            t.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=rad, max_nn=params.normal_max_nn))
+        clouds.append(t)
+    return IcpTarget(int(dst.shape[0]), tuple(float(v) for v in params.voxel_mm), _normal_key(params, target_normals),
+                     tuple(clouds))
+
+
+def _normal_key(params: IcpParams, target_normals) -> tuple:
+    return (target_normals is not None, float(params.normal_radius_factor), int(params.normal_max_nn))
+
+
 def refine_icp(source, target, init=None, params: IcpParams = IcpParams(), *, target_normals=None) -> IcpResult:
     """Coarse-to-fine point-to-plane ICP of ``source`` onto ``target``.
 
@@ -158,8 +235,10 @@ def refine_icp(source, target, init=None, params: IcpParams = IcpParams(), *, ta
     ----------
     source : (n, 3) float64
         Points of the view to move (mm), finite.
-    target : (m, 3) float64
-        Pivot points (mm), finite.
+    target : (m, 3) float64 or IcpTarget
+        Pivot points (mm), finite; or the pivot prepared once by :func:`prepare_target`
+        with the same ``params`` (then ``target_normals`` go there): same result, the
+        per-level downsampling and normals of the target are not redone per source.
     init : (4, 4) float64, optional
         Initial source -> target transform (e.g. the landmark alignment); identity by default.
     params : IcpParams
@@ -177,41 +256,37 @@ def refine_icp(source, target, init=None, params: IcpParams = IcpParams(), *, ta
     ------
     ValueError
         Wrong shapes, non-finite values, fewer than 10 points, or ``init`` not rigid,
-        ``target_normals`` not (m, 3).
+        ``target_normals`` not (m, 3); a prepared target for another schedule.
     """
     src = as_array(source, "source", (None, 3), finite=True)
-    dst = as_array(target, "target", (None, 3), finite=True)
-    for name, a in (("source", src), ("target", dst)):
-        if a.shape[0] < 10:
-            raise ValueError(f"{name}: need at least 10 points, got {a.shape[0]}")
+    if src.shape[0] < 10:
+        raise ValueError(f"source: need at least 10 points, got {src.shape[0]}")
+    if not isinstance(params, IcpParams):
+        raise ValueError(f"params: expected IcpParams, got {type(params).__name__}")
+    if isinstance(target, IcpTarget):
+        if target_normals is not None:
+            raise ValueError("target_normals: give them to prepare_target, not with a prepared target")
+        if target.voxel_mm != tuple(float(v) for v in params.voxel_mm):
+            raise ValueError(f"target: prepared for voxel_mm={target.voxel_mm}, the schedule has {params.voxel_mm}")
+        if not target.normal_key[0] and target.normal_key != _normal_key(params, None):
+            raise ValueError("target: prepared with other normal parameters (normal_radius_factor, normal_max_nn)")
+    else:
+        dst = as_array(target, "target", (None, 3), finite=True)
+        if dst.shape[0] < 10:
+            raise ValueError(f"target: need at least 10 points, got {dst.shape[0]}")
     T = np.eye(4) if init is None else as_array(init, "init", (4, 4), finite=True).copy()
     R = T[:3, :3]
     if not (np.allclose(R @ R.T, np.eye(3), atol=1e-6) and np.linalg.det(R) > 0 and np.allclose(T[3], [0, 0, 0, 1])):
         raise ValueError("init: not a rigid (4, 4) transform")
-    if not isinstance(params, IcpParams):
-        raise ValueError(f"params: expected IcpParams, got {type(params).__name__}")
-    pcs, pct = _cloud(src), _cloud(dst)
-    if target_normals is not None:
-        tn = as_array(target_normals, "target_normals", dst.shape)
-        pct.normals = o3d.utility.Vector3dVector(np.nan_to_num(tn))
+    tgt = target if isinstance(target, IcpTarget) else prepare_target(dst, params, target_normals=target_normals)
+    pcs = _cloud(src)
     levels = []
     reg = o3d.pipelines.registration
     res = None
     nlev = len(params.voxel_mm)
     for i, (vox, dmax, it) in enumerate(zip(params.voxel_mm, params.max_distance_mm, params.max_iterations)):
         s = pcs.voxel_down_sample(vox) if vox > 0 else pcs
-        t = pct.voxel_down_sample(vox) if vox > 0 else pct
-        if target_normals is not None:
-            # voxel means of the given normals, renormalised; points without one are dropped
-            Nt = np.asarray(t.normals)
-            ln = np.linalg.norm(Nt, axis=1)
-            ok = ln > 1e-6
-            t = _cloud(np.asarray(t.points)[ok])
-            t.normals = o3d.utility.Vector3dVector(Nt[ok] / ln[ok, None])
-        else:
-            # spacing of the (downsampled) target: a tree over the level's points, not the full cloud
-            rad = params.normal_radius_factor * max(vox, mean_spacing(np.asarray(t.points)))
-            t.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=rad, max_nn=params.normal_max_nn))
+        t = tgt.clouds[i]
         if i == nlev - 1 and params.tukey_k_mm > 0:
             est = reg.TransformationEstimationPointToPlane(reg.TukeyLoss(k=params.tukey_k_mm))
         else:

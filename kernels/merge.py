@@ -158,7 +158,9 @@ def organised_normals(points, valid, half_window: int = 2) -> np.ndarray:
     pixels excluded), and the normal of a pixel is the cross product of the central
     differences of the smoothed positions along the image columns and rows,
     ``n = (S[y, x+1] - S[y, x-1]) x (S[y+1, x] - S[y-1, x])``. The sign is the grid's
-    (consistent over a view, not yet oriented); orient it with the viewpoint.
+    (consistent over a view, not yet oriented); orient it with the viewpoint. Only the
+    bounding box of the valid pixels (grown by ``h + 1``) is filtered: the same result as
+    over the whole image.
 
     Parameters
     ----------
@@ -185,25 +187,56 @@ def organised_normals(points, valid, half_window: int = 2) -> np.ndarray:
     if m.shape != P.shape[:2]:
         raise ValueError(f"valid: expected shape {P.shape[:2]}, got {m.shape}")
     check_int(half_window, "half_window", 1)
-    size = 2 * int(half_window) + 1
-    mf = m.astype(np.float64)
-    cnt = ndimage.uniform_filter(mf, size, mode="constant")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        S = np.stack([ndimage.uniform_filter(np.where(m, P[..., k], 0.0), size, mode="constant") / cnt
-                      for k in range(3)], axis=-1)
-    # the smoothed field is defined at both grid neighbours of every valid pixel (h >= 1:
-    # the pixel is inside their windows); edge padding gives one-sided differences at the
-    # image border
-    Sp = np.pad(S, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    y, x = np.nonzero(m)
-    du = Sp[y + 1, x + 2] - Sp[y + 1, x]
-    dv = Sp[y + 2, x + 1] - Sp[y, x + 1]
-    n = np.cross(du, dv)
-    ln = np.linalg.norm(n, axis=-1, keepdims=True)
     out = np.full(P.shape, np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out[y, x] = np.where(ln > 0, n / ln, np.nan)
+    box = valid_box(m, int(half_window) + 1)
+    if box is None:
+        return out
+    win = (slice(box[0], box[1]), slice(box[2], box[3]))
+    mc = m[win]
+    out[win][mc] = _grid_normals(mc, P[win][mc], int(half_window))
     return out
+
+
+def valid_box(valid: np.ndarray, margin: int):
+    """``(r0, r1, c0, c1)``: the bounding box of the True pixels of ``valid`` grown by
+    ``margin`` pixels (clipped to the image), or None when there is none."""
+    rows = np.flatnonzero(valid.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(valid.any(axis=0))
+    H, W = valid.shape
+    return (max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, H),
+            max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, W))
+
+
+def _grid_normals(m: np.ndarray, pts: np.ndarray, half_window: int) -> np.ndarray:
+    """Normals of :func:`organised_normals` at the True pixels of ``m`` (row-major, (n, 3)).
+
+    ``pts`` (n, 3) float64 are the points of those pixels in row-major order. ``m`` may be a
+    crop of the image that holds every valid pixel with a margin of at least
+    ``half_window + 1`` pixels (or reaches the image border, :func:`valid_box`): the box
+    filters only ever add invalid (zero) pixels outside it, so the result is the same, bit
+    for bit, as on the whole image. One coordinate at a time (no (H, W, 3) temporaries).
+    """
+    size = 2 * half_window + 1
+    cnt = ndimage.uniform_filter(m.astype(np.float64), size, mode="constant")
+    d = []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for k in range(3):
+            G = np.zeros(m.shape)
+            G[m] = pts[:, k]
+            S = ndimage.uniform_filter(G, size, mode="constant")
+            S /= cnt
+            # the smoothed field is defined at both grid neighbours of every valid pixel
+            # (h >= 1: the pixel is inside their windows); edge padding gives one-sided
+            # differences at the image border; NaN away from the valid pixels (not kept)
+            Sp = np.pad(S, 1, mode="edge")
+            d.append((Sp[1:-1, 2:] - Sp[1:-1, :-2])[m])     # along the columns (du)
+            d.append((Sp[2:, 1:-1] - Sp[:-2, 1:-1])[m])     # along the rows (dv)
+        ux, vx, uy, vy, uz, vz = d
+        n = np.stack([uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx], axis=1)   # du x dv
+        ln = np.sqrt(n[:, 0] * n[:, 0] + n[:, 1] * n[:, 1] + n[:, 2] * n[:, 2])[:, None]
+        return np.where(ln > 0, n / ln, np.nan)
 
 
 def voxel_average(points, weights, voxel_mm: float, attributes=()):
@@ -242,10 +275,12 @@ def voxel_average(points, weights, voxel_mm: float, attributes=()):
     if P.shape[0] == 0:
         return P.copy(), w.copy(), [np.asarray(a, dtype=np.float64).copy() for a in attributes], \
             np.zeros(0, np.int64)
-    q = np.floor(P / voxel_mm).astype(np.int64)
-    q -= q.min(axis=0)
-    ext = q.max(axis=0) + 1
-    key = (q[:, 0] * ext[1] + q[:, 1]) * ext[2] + q[:, 2]
+    # per coordinate on contiguous columns (axis-0 reductions of an (n, 3) array are slow)
+    q = [np.floor(P[:, k] / voxel_mm).astype(np.int64) for k in range(3)]
+    for c in q:
+        c -= c.min()
+    ext = [int(c.max()) + 1 for c in q]
+    key = (q[0] * ext[1] + q[1]) * ext[2] + q[2]
     _, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
     inv = inv.ravel()
     m = cnt.size
@@ -256,7 +291,9 @@ def voxel_average(points, weights, voxel_mm: float, attributes=()):
     out = []
     for a in attributes:
         A = np.asarray(a, dtype=np.float64)
-        ok = np.isfinite(A).all(axis=1)
+        ok = np.isfinite(A[:, 0])
+        for k in range(1, A.shape[1]):
+            ok &= np.isfinite(A[:, k])
         wa = np.where(ok, ww, 0.0)
         sa = np.bincount(inv, wa, m)
         Am = np.stack([np.bincount(inv, wa * np.where(ok, A[:, k], 0.0), m) for k in range(A.shape[1])], axis=1)

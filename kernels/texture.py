@@ -17,7 +17,9 @@ occluders on a face (nose over cheek, ears) are many millimetres in front.
 
 Work is restricted to the band of IR rows that hold points (contiguous slices, no
 gather/scatter); per-pixel quantities that depend only on the calibration (the IR ray
-expressed in the RGB camera frame) are cached per (IR, RGB) calibration, read-only.
+expressed in the RGB camera frame) are cached per (IR, RGB) calibration, read-only (the
+undistorted IR pixel grid per IR intrinsics, :func:`kernels.camera.undistorted_pixel_grid`;
+:func:`kernels.camera.clear_caches` empties both).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.camera import Camera, pixel_grid, pixels_to_normalized
+from kernels.camera import Camera, register_cache, undistorted_pixel_grid
 from kernels.triangulate import _camera_key, check_camera
 
 try:  # fused loops (optional; the numpy code below is the reference, bit-identical)
@@ -50,6 +52,16 @@ _cache: "OrderedDict[bytes, tuple]" = OrderedDict()
 _lock = threading.Lock()
 
 
+def _clear_cache() -> int:
+    with _lock:
+        n = len(_cache)
+        _cache.clear()
+    return n
+
+
+register_cache("kernels.texture.ray_in_rgb", _clear_cache)
+
+
 def _ray_in_rgb(ir: Camera, rgb: Camera):
     """(3, HW) float32 IR rays (z = 1 in the IR frame) rotated into the RGB frame, and the
     IR centre in RGB coordinates (cached, read-only)."""
@@ -59,7 +71,7 @@ def _ray_in_rgb(ir: Camera, rgb: Camera):
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    xn = pixels_to_normalized(ir, pixel_grid(ir.width, ir.height))
+    xn = undistorted_pixel_grid(ir)   # shared with the decoder's ray table (per intrinsics)
     d = np.empty((3, xn.shape[0]))
     d[0], d[1], d[2] = xn[:, 0], xn[:, 1], 1.0
     R = rgb.R @ ir.R.T

@@ -16,7 +16,9 @@ IR-frame depth z) maps to the projector frame as ``X_p = lam * R_pi d + t_pi`` w
 
 The per-pixel quantities ``d`` (undistorted), ``a``, ``b`` and the world ray direction do
 not depend on the images: :func:`ray_table` computes them once per calibration and keeps
-them in a small read-only cache keyed by the calibration's bytes.
+them in a small read-only cache keyed by the calibration's bytes (the undistorted pixel grid,
+which depends only on the intrinsics, comes from :func:`kernels.camera.undistorted_pixel_grid`;
+:func:`kernels.camera.clear_caches` empties both).
 """
 
 from __future__ import annotations
@@ -27,11 +29,21 @@ import threading
 
 import numpy as np
 
-from kernels.camera import Camera, pixel_grid, pixels_to_normalized
+from kernels.camera import Camera, register_cache, undistorted_pixel_grid
 
 _CACHE_SIZE = 8
 _cache: "OrderedDict[bytes, RayTable]" = OrderedDict()
 _cache_lock = threading.Lock()
+
+
+def _clear_cache() -> int:
+    with _cache_lock:
+        n = len(_cache)
+        _cache.clear()
+    return n
+
+
+register_cache("kernels.triangulate.ray_table", _clear_cache)
 
 
 def check_camera(cam, name: str, *, projector: bool = False) -> Camera:
@@ -143,7 +155,7 @@ class RayTable:
 
 def _build_ray_table(ir: Camera, projector: Camera) -> RayTable:
     H, W = ir.height, ir.width
-    xn = pixels_to_normalized(ir, pixel_grid(W, H))  # (HW, 2) float64, distortion removed
+    xn = undistorted_pixel_grid(ir)  # (HW, 2) float64, distortion removed (cached per intrinsics)
     d = np.empty((3, H * W), np.float64)
     d[0], d[1], d[2] = xn[:, 0], xn[:, 1], 1.0
     R_pi = projector.R @ ir.R.T

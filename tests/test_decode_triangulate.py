@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.camera import Camera, world_to_camera
+from kernels.camera import (Camera, clear_caches, distort, pixel_grid, pixels_to_normalized,
+                           undistorted_pixel_grid, world_to_camera)
 from kernels.triangulate import point_confidence, ray_table, triangulate
 from tests._fringe import Plane, Sphere, make_group, render
 
@@ -45,6 +46,39 @@ def test_ray_table_is_cached_and_read_only():
     assert ray_table(g.ir, g.projector) is t1
     with pytest.raises(ValueError):
         t1.a[0] = 1.0
+
+
+def test_undistorted_grid_is_shared_per_intrinsics_and_cleared():
+    """One undistorted pixel grid per (size, K, dist), whatever the name and pose; clear_caches
+    empties it and the per-calibration ray tables."""
+    import kernels.texture  # noqa: F401  (registers its cache)
+
+    g = make_group(64, 48)
+    ir = g.ir
+    moved = Camera("other", ir.width, ir.height, ir.K, ir.dist, g.projector.R, ir.t + 1.0)
+    xn = undistorted_pixel_grid(ir)
+    assert undistorted_pixel_grid(moved) is xn
+    np.testing.assert_array_equal(xn, pixels_to_normalized(ir, pixel_grid(ir.width, ir.height)))
+    with pytest.raises(ValueError):
+        xn[0, 0] = 1.0
+    other = Camera(ir.name, ir.width, ir.height, ir.K, ir.dist * 0.5, ir.R, ir.t)
+    assert undistorted_pixel_grid(other) is not xn
+    t1 = ray_table(ir, g.projector)
+    assert clear_caches() >= 3                      # the ray table and both grids
+    assert ray_table(ir, g.projector) is not t1
+    assert undistorted_pixel_grid(ir) is not xn
+    assert clear_caches(keep_intrinsics=True) >= 1
+    xn2 = undistorted_pixel_grid(ir)
+    assert clear_caches(keep_intrinsics=True) == 0 and undistorted_pixel_grid(ir) is xn2
+
+
+@pytest.mark.parametrize("dist", [(-0.08, 0.10, 5e-4, -3e-4, 0.0), (0.1, -0.2, 1e-3, 2e-3, 0.05)])
+def test_undistort_inverts_distort(dist):
+    from kernels.camera import undistort
+
+    xd = np.random.default_rng(0).uniform(-0.3, 0.3, (5000, 2))
+    x = undistort(xd, np.array(dist))
+    assert np.abs(distort(x, np.array(dist)) - xd).max() < 1e-12
 
 
 def _corrupt(cam: Camera, **fields) -> Camera:

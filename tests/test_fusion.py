@@ -22,7 +22,7 @@ from kernels.align import FALLBACK, CoarseParams, align_landmarks, kabsch
 from kernels.decode import decode_view
 from kernels.depth import depth_image
 from kernels.fusion import FusionParams, fuse_views
-from kernels.icp import IcpParams, refine_icp
+from kernels.icp import IcpParams, prepare_target, refine_icp
 from kernels.landmarks import lift_landmarks
 from kernels.merge import MergeParams, merge_views, organised_normals, voxel_average
 from kernels.synth.face import face_mesh, sample_subject
@@ -189,6 +189,18 @@ def test_icp_with_given_target_normals(scene):
     assert np.linalg.norm(r.transform[:3, 3] - T[:3, 3]) < 0.05
     with pytest.raises(ValueError, match="target_normals"):
         refine_icp(src, P, None, target_normals=Nv[:-1])
+    # a target prepared once (as fuse_views does for both side views) gives the same result
+    # (bit for bit on one thread; Open3D's multi-threaded sums may differ in the last digit)
+    tgt = prepare_target(P, IcpParams(), target_normals=-Nv)
+    for _ in range(2):
+        r2 = refine_icp(_apply(np.linalg.inv(T), src), tgt, None, IcpParams())
+        np.testing.assert_allclose(r2.transform, r.transform, rtol=0, atol=1e-12)
+        assert [lv.n_target for lv in r2.levels] == [lv.n_target for lv in r.levels]
+        np.testing.assert_allclose([r2.fitness, r2.inlier_rmse_mm], [r.fitness, r.inlier_rmse_mm], rtol=1e-9)
+    with pytest.raises(ValueError, match="prepared for voxel_mm"):
+        refine_icp(src, tgt, None, IcpParams(voxel_mm=(1.0,), max_distance_mm=(1.0,), max_iterations=(5,)))
+    with pytest.raises(ValueError, match="target_normals"):
+        refine_icp(src, tgt, None, IcpParams(), target_normals=Nv)
 
 
 # -- fusion against GT --------------------------------------------------------------------------
@@ -421,6 +433,34 @@ def test_organised_normals_of_a_sphere():
     assert np.all(s == s[0])                      # one consistent sign over the grid
     with pytest.raises(ValueError, match="valid: expected shape"):
         organised_normals(P, valid[:-1])
+
+
+@pytest.mark.parametrize("at, small, small_at", [((0, 0), 64, (0, 0)),        # touches the top-left border
+                                                  ((7, 40), 67, (3, 3)),       # inside
+                                                  ((139, 179), 64, (3, 3))])   # touches the bottom-right border
+def test_organised_normals_only_filter_the_valid_box(at, small, small_at):
+    """Only the bounding box of the valid pixels (+ margin) is filtered: the normals are the
+    same, bit for bit, as in a small image that holds the patch in the same way."""
+    R = 80.0
+    u = np.linspace(-30, 30, 61)
+    X, Y = np.meshgrid(u, u)
+    P = np.stack([X, Y, np.sqrt(R ** 2 - X ** 2 - Y ** 2)], axis=-1)
+    valid = np.hypot(X, Y) < 31                     # reaches the patch's border
+
+    def place(shape, pos):
+        G = np.full(shape + (3,), 1e6)              # junk at invalid pixels must not matter
+        V = np.zeros(shape, bool)
+        G[pos[0]:pos[0] + 61, pos[1]:pos[1] + 61] = P
+        V[pos[0]:pos[0] + 61, pos[1]:pos[1] + 61] = valid
+        return G, V
+
+    ref = organised_normals(*place((small, small), small_at), 2)
+    n = organised_normals(*place((200, 240), at), 2)
+    (r, c), (rs, cs) = at, small_at
+    np.testing.assert_array_equal(n[r:r + 61, c:c + 61], ref[rs:rs + 61, cs:cs + 61])
+    assert np.isfinite(n[r:r + 61, c:c + 61][valid]).all()
+    assert np.count_nonzero(np.isfinite(n[..., 0])) == np.count_nonzero(valid)
+    assert np.all(np.isnan(organised_normals(P, np.zeros_like(valid), 2)))
 
 
 def test_voxel_average_weighted_means():
