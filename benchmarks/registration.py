@@ -7,6 +7,7 @@ Usage::
     python -m benchmarks.registration --size small                      # 5k template, 40k scan
     python -m benchmarks.registration --size small --sweep              # + 22 expressions x 3 subjects,
                                                                         #   ablation, missing data, landmarks
+    python -m benchmarks.registration --size full --sweep --no-jaw     # the same without stage 1b (jaw)
 
 The process pins itself to one core (``os.sched_setaffinity``; BLAS / OpenMP thread counts
 set to 1 before numpy and Open3D are imported).
@@ -267,8 +268,15 @@ def _subject(k: int):
     return sample_subject(f"B{k:03d}", SUBJECT_SEEDS[k % len(SUBJECT_SEEDS)] if k < len(SUBJECT_SEEDS) else k)
 
 
-def run(size: str = "full", with_trimesh: bool = True, expression: str = "smile") -> dict:
-    """Ours against trimesh on one scan (subject B000, ``expression``)."""
+def _params(jaw: bool = True):
+    from kernels.jaw import JawParams
+    from kernels.registration import RegistrationParams
+
+    return RegistrationParams() if jaw else RegistrationParams(jaw=JawParams(enabled=False))
+
+
+def run(size: str = "full", with_trimesh: bool = True, expression: str = "smile", jaw: bool = True) -> dict:
+    """Ours against trimesh on one scan (subject B000, ``expression``); ``jaw=False`` disables stage 1b."""
     from kernels.nicp import prepare_template
     from kernels.registration import RegistrationParams, register
     from kernels.similarity import apply_similarity
@@ -278,7 +286,7 @@ def run(size: str = "full", with_trimesh: bool = True, expression: str = "smile"
     t0 = time.perf_counter()
     T = default_template(nt)
     template_s = time.perf_counter() - t0
-    params = RegistrationParams()
+    params = _params(jaw)
     t0 = time.perf_counter()
     prepared = prepare_template(T, params.nicp)
     prepare_s = time.perf_counter() - t0
@@ -308,19 +316,25 @@ def run(size: str = "full", with_trimesh: bool = True, expression: str = "smile"
     return res
 
 
-def sweep(size: str = "small", n_subjects: int = 3, ablation: bool = True, robustness: bool = True) -> dict:
-    """All 22 expressions x ``n_subjects``; uniform-stiffness ablation; missing data; landmark noise."""
+def sweep(size: str = "small", n_subjects: int = 3, ablation: bool = True, robustness: bool = True,
+          jaw: bool = True) -> dict:
+    """All 22 expressions x ``n_subjects``; uniform-stiffness ablation; missing data; landmark noise.
+
+    ``jaw=False`` disables stage 1b (the jaw) everywhere. Rows carry the estimated jaw angle
+    and the simulator's (``jaw_true_deg``, for the report only)."""
     from dataclasses import replace as dc_replace
 
     from kernels.nicp import prepare_template
     from kernels.registration import RegistrationParams, register
+    from kernels.synth.expressions import EXPRESSION_INDEX, jaw_open_deg
     from kernels.synth.face import PART_NAMES, expression_names
+    from kernels.synth.face_params import FaceModelParams
     from kernels.template import default_template
 
     nt, ns = SIZES[size]
     T = default_template(nt)
-    params = RegistrationParams()
-    uniform = RegistrationParams(nicp=dc_replace(params.nicp, part_stiffness=tuple((p, 1.0) for p in PART_NAMES)))
+    params = _params(jaw)
+    uniform = dc_replace(params, nicp=dc_replace(params.nicp, part_stiffness=tuple((p, 1.0) for p in PART_NAMES)))
     prep = prepare_template(T, params.nicp)
     prep_u = prepare_template(T, uniform.nicp) if ablation else None
     rows, errs, abl = [], [], []
@@ -337,7 +351,10 @@ def sweep(size: str = "small", n_subjects: int = 3, ablation: bool = True, robus
                          "corr_p95_mm": ev["corr_p95_mm"], "surface_mm": ev["surface_mm"],
                          "flipped": int(r.qc["n_flipped"]), "degenerate": int(r.qc["n_degenerate"]),
                          "valid_fraction": float(r.qc["valid_fraction"]), "time_s": dt,
-                         "nose_mm": ev.get("corr_nose_mm"), "mouth_mm": ev.get("corr_mouth_mm")})
+                         "nose_mm": ev.get("corr_nose_mm"), "mouth_mm": ev.get("corr_mouth_mm"),
+                         "jaw_angle_deg": float(r.qc["jaw_angle_deg"]),
+                         "jaw_true_deg": jaw_open_deg(e, subj.expression_intensity[EXPRESSION_INDEX[e]],
+                                                      FaceModelParams())})
             if ablation:
                 ru = register(prep_u, sc["vertices"], sc["faces"], sc["landmarks"], uniform)
                 eu = evaluate(T, ru.vertices, sc)
@@ -438,14 +455,16 @@ def _table(res: dict) -> str:
 
 def _sweep_table(sw: dict) -> str:
     lines = [f"per expression ({sw['n_subjects']} subjects, template {sw['template_vertices']} vertices): "
-             f"mean corr / p95 / surface mm, max flipped / degenerate, mean s"]
+             f"mean corr / p95 / surface mm, max flipped / degenerate, mean s, jaw angle est / true deg"]
     by = {}
     for r in sw["rows"]:
         by.setdefault(r["expression"], []).append(r)
     for e, rs in by.items():
         lines.append(f"  {e:<14} {np.mean([r['corr_mm'] for r in rs]):6.3f} {np.mean([r['corr_p95_mm'] for r in rs]):6.2f} "
                      f"{np.mean([r['surface_mm'] for r in rs]):6.3f} {max(r['flipped'] for r in rs):3d} "
-                     f"{max(r['degenerate'] for r in rs):3d} {np.mean([r['time_s'] for r in rs]):5.2f}")
+                     f"{max(r['degenerate'] for r in rs):3d} {np.mean([r['time_s'] for r in rs]):5.2f} "
+                     f"{np.mean([r.get('jaw_angle_deg', np.nan) for r in rs]):6.1f} "
+                     f"{np.mean([r.get('jaw_true_deg', np.nan) for r in rs]):5.1f}")
     lines.append(f"  ALL: corr {sw['corr_mean_mm']:.3f} mm, p95 pooled {sw['corr_p95_pooled_mm']:.2f} mm "
                  f"(mean of p95 {sw['corr_p95_mean_mm']:.2f}), surface {sw['surface_mean_mm']:.3f} mm, "
                  f"flipped max {sw['flipped_max']}, degenerate max {sw['degenerate_max']}")
@@ -477,12 +496,14 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true",
                    help="also: 22 expressions x 3 subjects, ablation, missing data, landmark robustness")
     p.add_argument("--subjects", type=int, default=3)
+    p.add_argument("--no-jaw", action="store_true", help="disable the registration's jaw stage (1b)")
     a = p.parse_args(argv)
     _pin_one_core()
-    res = run(a.size, not a.no_trimesh)
+    res = run(a.size, not a.no_trimesh, jaw=not a.no_jaw)
+    res["jaw"] = not a.no_jaw
     print(_table(res), flush=True)
     if a.sweep:
-        sw = sweep(a.size, a.subjects)
+        sw = sweep(a.size, a.subjects, jaw=not a.no_jaw)
         print(_sweep_table(sw))
         res["sweep"] = sw
     if a.json:

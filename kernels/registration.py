@@ -2,8 +2,11 @@
 
 :func:`register` = stage 1 (:func:`kernels.similarity.fit_similarity`: robust Umeyama
 similarity from the template's landmarks to the scan's fused landmarks, optional rigid
-ICP polish) + stage 2 (:func:`kernels.nicp.nicp`: optimal-step NICP with per-part
-stiffness, Eq. 3). The output is the template mesh deformed onto the scan, per-vertex
+ICP polish) + stage 1b when the template has a jaw rig (:func:`kernels.jaw.fit_jaw`: the
+jaw opening angle from the jaw landmarks and a trimmed closest-point term, the template
+posed by it, the similarity refitted on the posed landmarks) + stage 2
+(:func:`kernels.nicp.nicp`: optimal-step NICP with per-part stiffness, Eq. 3, from the
+posed template). The output is the template mesh deformed onto the scan, per-vertex
 distances and validity, per-iteration records and QC metrics. See
 ``docs/registration.md``.
 """
@@ -16,12 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels._checks import as_array, as_rng, check_number
+from kernels.jaw import JawFit, JawParams, fit_jaw, pose_jaw, transform_rig
 from kernels.meshing import mesh_quality
 from kernels.nicp import (
     NicpParams, PreparedTemplate, ScanSurface, _check_scan, _key, nicp, prepare_template, vertex_normals,
 )
 from kernels.similarity import (
     Similarity, SimilarityParams, apply_similarity, fit_similarity, landmark_outliers, polish_rigid,
+    refit_similarity,
 )
 from kernels.template import Template
 
@@ -38,6 +43,9 @@ class RegistrationParams:
         Stage 1 (RANSAC/IRLS thresholds, optional rigid ICP polish).
     nicp : NicpParams
         Stage 2 (schedule, levels, per-part stiffness, data term, rejection).
+    jaw : JawParams
+        Stage 1b (jaw angle bounds, landmark / surface terms); runs when
+        ``jaw.enabled`` and the template has a jaw rig.
     drop_landmark_outliers : bool
         Leave landmarks flagged by :func:`kernels.similarity.landmark_outliers` out of the
         NICP landmark term (default True).
@@ -47,6 +55,7 @@ class RegistrationParams:
 
     similarity: SimilarityParams = field(default_factory=SimilarityParams)
     nicp: NicpParams = field(default_factory=NicpParams)
+    jaw: JawParams = field(default_factory=JawParams)
     drop_landmark_outliers: bool = True
     outlier_tolerance_mm: float = 7.0
 
@@ -56,6 +65,8 @@ class RegistrationParams:
                              f"{type(self.similarity).__name__}")
         if not isinstance(self.nicp, NicpParams):
             raise ValueError(f"RegistrationParams.nicp: expected NicpParams, got {type(self.nicp).__name__}")
+        if not isinstance(self.jaw, JawParams):
+            raise ValueError(f"RegistrationParams.jaw: expected JawParams, got {type(self.jaw).__name__}")
         check_number(self.outlier_tolerance_mm, "RegistrationParams.outlier_tolerance_mm", lo=0, lo_open=True)
 
 
@@ -73,7 +84,10 @@ class RegistrationResult:
         The vertex had an accepted correspondence within ``valid_distance_mm`` at the end
         (False: no reliable scan data there, e.g. a hole; its position is interpolated).
     similarity : Similarity
-        Stage 1 (template -> scan).
+        Stage 1 (template -> scan; refitted on the jaw-posed landmarks when the jaw
+        stage ran).
+    jaw : JawFit or None
+        Stage 1b (None when the template has no jaw rig or the stage is disabled).
     landmarks_used : (106,) bool
         Landmarks in the NICP landmark term.
     iterations : tuple of NicpIteration
@@ -82,7 +96,10 @@ class RegistrationResult:
         :func:`registration_qc` plus ``similarity_s``, ``nicp_s``, ``prepare_s``,
         ``time_s``, ``n_iterations``, ``similarity_scale``, ``similarity_inliers``,
         ``similarity_rmse_mm``, ``n_landmarks_used``, ``n_landmark_outliers``,
-        ``landmark_rmse_mm`` (used landmarks, registered template vs scan).
+        ``landmark_rmse_mm`` (used landmarks, registered template vs scan),
+        ``jaw_angle_deg`` (NaN without a jaw stage, 0 when skipped), ``jaw_s``,
+        ``jaw_landmarks``, ``jaw_landmark_rmse_mm``, ``jaw_at_bound``, ``jaw_skipped``
+        (reason, empty when fitted).
     """
 
     vertices: np.ndarray
@@ -92,6 +109,7 @@ class RegistrationResult:
     landmarks_used: np.ndarray
     iterations: tuple
     qc: dict
+    jaw: JawFit | None = None
 
 
 def registration_qc(vertices, faces, reference_vertices, distance_mm, valid) -> dict:
@@ -161,6 +179,9 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
     Returns
     -------
     RegistrationResult
+        ``vertices`` etc. in template topology; the start of stage 2 is the template
+        posed by the jaw angle of stage 1b (when the template has a jaw rig) and mapped
+        by the similarity.
 
     Raises
     ------
@@ -203,14 +224,52 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
             return q, nq, ~onb
 
         sim = polish_rigid(np.asarray(T.vertices)[face], Nt[face], closest, sim, params.similarity)
-    start = apply_similarity(sim, T.vertices)
-    used = np.isfinite(L).all(axis=1)
-    n_out = 0
-    if params.drop_landmark_outliers:
-        out = landmark_outliers(tl, L, sim, tolerance_mm=params.outlier_tolerance_mm)
-        n_out = int(out.sum())
-        used &= ~out
+    finite = np.isfinite(L).all(axis=1)
+
+    def outliers(tl_, sim_):
+        if not params.drop_landmark_outliers:
+            return np.zeros(len(L), bool)
+        return landmark_outliers(tl_, L, sim_, tolerance_mm=params.outlier_tolerance_mm)
+
+    out = outliers(tl, sim)
     sim_s = time.perf_counter() - t1
+
+    # stage 1b: the jaw
+    t1 = time.perf_counter()
+    jaw = None
+    rest = np.asarray(T.vertices, float)
+    if params.jaw.enabled and T.jaw is not None:
+        rig = T.jaw
+        V1 = apply_similarity(sim, rest)
+        Fi = np.asarray(T.faces, np.int64)
+        N1 = vertex_normals(V1, Fi)
+        # orientation of the scan's normals (flipped when its winding faces inwards)
+        probe = np.random.default_rng(params.jaw.seed).choice(len(V1), min(len(V1), 2000), replace=False)
+        _, nq, dq, _ = scan.closest(V1[probe])
+        near = dq < 10.0
+        flip = -1.0 if near.any() and np.median(np.einsum("ij,ij->i", nq, N1[probe])[near]) < 0 else 1.0
+
+        def closest_jaw(P):
+            q, nq, _, onb = scan.closest(P)
+            return q, flip * nq, ~onb
+
+        pivot, axis = transform_rig(rig.pivot, rig.axis, sim.scale, sim.rotation, sim.translation)
+        lw = T.landmark_weights(rig.weights)
+        la = T.landmark_weights(axis) if axis.ndim == 2 else axis
+        jaw = fit_jaw(V1, N1, rig.weights, pivot, axis, apply_similarity(sim, tl), lw, la, L, finite & ~out,
+                      closest_jaw, params.jaw)
+        if not jaw.skipped and jaw.angle_deg != 0.0:
+            # the posed template (the similarity preserves angles: posing in the template frame
+            # about the template's hinge is the same), the similarity refitted on its landmarks
+            rest = pose_jaw(rest, rig.weights, rig.pivot, rig.axis, jaw.angle_deg)
+            tl = T.landmark_points(rest)
+            if params.jaw.refit_similarity:
+                sim = refit_similarity(tl, L, sim, params.similarity)
+            out = outliers(tl, sim)
+    jaw_s = time.perf_counter() - t1
+    start = apply_similarity(sim, rest)
+    used = finite & ~out
+    n_out = int((out & finite).sum())
 
     # stage 2
     if prepared is None:
@@ -229,5 +288,10 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
         "landmark_rmse_mm": float(np.sqrt(np.mean(lm_err ** 2))) if lm_err.size else float("nan"),
         "n_scan_boundary_edges": scan.n_boundary_edges,
         "untangle_rounds": res.untangle_rounds, "untangled_vertices": res.untangled_vertices,
+        "jaw_angle_deg": float(jaw.angle_deg) if jaw is not None else float("nan"), "jaw_s": jaw_s,
+        "jaw_landmarks": int(jaw.n_landmarks) if jaw is not None else 0,
+        "jaw_landmark_rmse_mm": float(jaw.landmark_rmse_mm) if jaw is not None else float("nan"),
+        "jaw_at_bound": bool(jaw.at_bound) if jaw is not None else False,
+        "jaw_skipped": (jaw.skipped if jaw is not None else ("disabled" if not params.jaw.enabled else "no jaw rig")),
     })
-    return RegistrationResult(res.vertices, res.distance_mm, res.valid, sim, used, res.iterations, qc)
+    return RegistrationResult(res.vertices, res.distance_mm, res.valid, sim, used, res.iterations, qc, jaw)

@@ -24,8 +24,8 @@ import numpy as np
 
 from kernels._checks import as_array, as_rng, check_int, check_number, check_point_pairs
 
-__all__ = ["SimilarityParams", "Similarity", "umeyama", "fit_similarity", "landmark_outliers", "polish_rigid",
-           "apply_similarity"]
+__all__ = ["SimilarityParams", "Similarity", "umeyama", "fit_similarity", "refit_similarity", "landmark_outliers",
+           "polish_rigid", "apply_similarity"]
 
 
 @dataclass(frozen=True)
@@ -285,6 +285,66 @@ def fit_similarity(template_landmarks, scan_landmarks, params: SimilarityParams 
     n_in = int(inliers.sum())
     rmse = float(np.sqrt(np.mean(s_all[s_all < thr] ** 2))) if n_in else float("nan")
     return Similarity(float(s), R, t, inliers, res, n, n_in, rmse)
+
+
+def refit_similarity(template_landmarks, scan_landmarks, sim: Similarity,
+                     params: SimilarityParams = SimilarityParams()) -> Similarity:
+    """Refit a similarity from a start: ``params.irls_iterations`` Cauchy-weighted Umeyama fits.
+
+    Used after the jaw stage (:mod:`kernels.jaw`): with the template's jaw posed, the
+    chin and lower-lip landmarks agree with the rigid majority again and the robust fit
+    can use them. The weights start from the residuals of ``sim``.
+
+    Parameters
+    ----------
+    template_landmarks : (k, 3) float64
+        Template landmarks (mm), finite.
+    scan_landmarks : (k, 3) float64
+        Scan landmarks (mm), NaN rows unusable.
+    sim : Similarity
+        Start.
+    params : SimilarityParams
+        ``irls_iterations``, ``irls_scale_mm``, ``scale_range``, ``inlier_threshold_mm``.
+
+    Returns
+    -------
+    Similarity
+        New scale / rotation / translation, inliers and residuals; the polish fields of
+        ``sim`` are kept.
+
+    Raises
+    ------
+    ValueError
+        Shapes, infinite values, partly-NaN rows, fewer than 3 usable landmarks.
+    """
+    if not isinstance(sim, Similarity):
+        raise ValueError(f"sim: expected a Similarity, got {type(sim).__name__}")
+    if not isinstance(params, SimilarityParams):
+        raise ValueError(f"params: expected SimilarityParams, got {type(params).__name__}")
+    src = as_array(template_landmarks, "template_landmarks", (None, 3), finite=True)
+    dst = as_array(scan_landmarks, "scan_landmarks", (src.shape[0], 3))
+    _check_landmarks(dst, "scan_landmarks")
+    k = src.shape[0]
+    ok = np.isfinite(dst[:, 0])
+    if ok.sum() < 3:
+        raise ValueError(f"scan_landmarks: only {int(ok.sum())} usable (finite) landmarks, need at least 3")
+    idx = np.flatnonzero(ok)
+    S, D = src[idx], dst[idx]
+    lo, hi = params.scale_range
+    s, R, t = sim.scale, np.asarray(sim.rotation, float), np.asarray(sim.translation, float)
+    r = np.linalg.norm(s * S @ R.T + t - D, axis=1)
+    c = params.irls_scale_mm
+    for _ in range(params.irls_iterations):
+        s, R, t = _umeyama(S, D, 1.0 / (1.0 + (r / c) ** 2), lo, hi)
+        r = np.linalg.norm(s * S @ R.T + t - D, axis=1)
+    thr = params.inlier_threshold_mm
+    res = np.full(k, np.nan)
+    res[idx] = r
+    inliers = np.zeros(k, bool)
+    inliers[idx] = r < thr
+    n_in = int(inliers.sum())
+    rmse = float(np.sqrt(np.mean(r[r < thr] ** 2))) if n_in else float("nan")
+    return Similarity(float(s), R, t, inliers, res, int(ok.sum()), n_in, rmse, sim.icp_iterations, sim.icp_rmse_mm)
 
 
 UPPER_LIP = (85, 86, 87, 88, 89, 97, 98, 99)

@@ -23,12 +23,92 @@ from scipy.spatial import cKDTree
 from kernels._checks import as_array, check_int, check_number
 from kernels.synth.face import PART_NAMES, face_region, landmark_uv, mean_face_mesh, uv_grid
 
-__all__ = ["N_LANDMARKS", "Template", "default_template", "make_template", "template_edges",
-           "DEFAULT_MARGIN_DEG"]
+__all__ = ["N_LANDMARKS", "JawRig", "Template", "default_template", "default_jaw_rig", "make_jaw_rig",
+           "make_template", "template_edges", "DEFAULT_MARGIN_DEG"]
 
 N_LANDMARKS = 106
 DEFAULT_MARGIN_DEG = 12.0
 _MIN_VERTICES, _MAX_VERTICES = 1_000, 500_000
+
+
+@dataclass(frozen=True)
+class JawRig:
+    """An articulated jaw on a template (as in FLAME): one hinge and per-vertex skinning weights.
+
+    Posing by an angle ``a`` turns vertex i about the hinge (axis ``axis`` through
+    ``pivot``) by ``weights[i] * a`` (:func:`kernels.jaw.pose_jaw`); a positive angle
+    opens the mouth (the chin goes down and back).
+
+    Attributes
+    ----------
+    weights : (n,) float64
+        Jaw skinning weight of each template vertex in [0, 1]: 1 on the chin, lower lip and
+        jaw, 0 on the upper face, a smooth ramp between.
+    pivot : (3,) float64
+        A point on the hinge axis, mm, template frame.
+    axis : (3,) or (n, 3) float64
+        Unit direction of the hinge axis (right-handed: a positive angle about it opens
+        the jaw): one for all vertices (a hinge, e.g. through the temporomandibular
+        joints) or one per vertex (every vertex turns about its own axis through the
+        pivot; the default template's: perpendicular to the vertex's meridian plane).
+    """
+
+    weights: np.ndarray
+    pivot: np.ndarray
+    axis: np.ndarray
+
+    def __post_init__(self) -> None:
+        for name in ("weights", "pivot", "axis"):
+            a = getattr(self, name)
+            if a.flags.writeable:
+                a = a.copy()
+                a.setflags(write=False)
+                object.__setattr__(self, name, a)
+
+
+def make_jaw_rig(weights, pivot, axis, n_vertices: int) -> JawRig:
+    """Validate a jaw rig for a template of ``n_vertices`` vertices.
+
+    Parameters
+    ----------
+    weights : (n_vertices,) float
+        Per-vertex jaw weights, finite, in [0, 1] (within 1e-6; clipped), at least one > 0.
+    pivot : (3,) float
+        Point on the hinge axis, mm, finite.
+    axis : (3,) or (n_vertices, 3) float
+        Hinge direction (or one per vertex), finite, non-zero (normalised here).
+    n_vertices : int
+
+    Returns
+    -------
+    JawRig
+
+    Raises
+    ------
+    ValueError
+        Naming the field: wrong shape, NaN/inf, weights outside [0, 1] or all zero, a zero
+        axis.
+    """
+    W = as_array(weights, "jaw weights", (n_vertices,))
+    if not np.all(np.isfinite(W)):
+        raise ValueError(f"jaw weights: {int(np.sum(~np.isfinite(W)))} value(s) are NaN or infinite")
+    if W.min() < -1e-6 or W.max() > 1.0 + 1e-6:
+        raise ValueError(f"jaw weights: must be in [0, 1], got [{W.min():.6g}, {W.max():.6g}]")
+    if not np.any(W > 0):
+        raise ValueError("jaw weights: all zero (no vertex moves with the jaw)")
+    P = as_array(pivot, "jaw pivot", (3,))
+    if not np.all(np.isfinite(P)):
+        raise ValueError("jaw pivot: must be finite")
+    A = as_array(axis, "jaw axis", None)
+    if A.shape not in ((3,), (n_vertices, 3)):
+        raise ValueError(f"jaw axis: expected shape (3,) or ({n_vertices}, 3), got {tuple(A.shape)}")
+    if not np.all(np.isfinite(A)):
+        raise ValueError("jaw axis: must be finite")
+    nrm = np.linalg.norm(A, axis=-1, keepdims=True)
+    if np.any(nrm < 1e-12):
+        bad = "" if A.ndim == 1 else f" (vertex {int(np.flatnonzero(nrm[:, 0] < 1e-12)[0])})"
+        raise ValueError(f"jaw axis: must be non-zero{bad}")
+    return JawRig(np.clip(W, 0.0, 1.0), P.copy(), A / nrm)
 
 
 @dataclass(frozen=True)
@@ -53,6 +133,10 @@ class Template:
     uv : (n, 2) float64 or None
         Material coordinates (theta, phi) in radians of the synthetic model (default
         template only; None for a user template).
+    jaw : JawRig or None
+        Optional articulated jaw (hinge + per-vertex weights) used by the registration's
+        jaw stage (:mod:`kernels.jaw`); None skips that stage. The default template
+        carries :func:`default_jaw_rig`.
     """
 
     vertices: np.ndarray
@@ -62,6 +146,7 @@ class Template:
     landmark_faces: np.ndarray
     landmark_bary: np.ndarray
     uv: np.ndarray | None = None
+    jaw: JawRig | None = None
 
     def __post_init__(self) -> None:
         for name in ("vertices", "faces", "parts", "landmark_faces", "landmark_bary", "uv"):
@@ -74,6 +159,12 @@ class Template:
     @property
     def n_vertices(self) -> int:
         return int(self.vertices.shape[0])
+
+    def landmark_weights(self, values) -> np.ndarray:
+        """(106, ...) barycentric interpolation of per-vertex ``values`` (n, ...) at the landmarks."""
+        tri = self.faces[self.landmark_faces]
+        v = np.asarray(values)
+        return np.einsum("kj,kj...->k...", self.landmark_bary, v[tri])
 
     def landmark_points(self, vertices=None) -> np.ndarray:
         """(106, 3) landmark positions on the template, or on ``vertices`` (n, 3) in template topology."""
@@ -182,8 +273,44 @@ def _reattach(uv, F, fkeep, fid, bary, lost):
     return fid, bary
 
 
+def default_jaw_rig(uv) -> JawRig:
+    """The jaw rig of the default template, from the synthetic model's jaw definition.
+
+    Template knowledge, like the part labels (no scan data): the synthetic expressions
+    open the jaw by turning the material down along the meridians about the head centre
+    (:func:`kernels.synth.expressions.deform`) with the soft mask
+    :func:`kernels.synth.expressions.jaw_weight` (1 on the lower lip, chin and jaw, 0
+    above the mouth, a 30 mm ramp across the cheeks, fading towards the ears and down
+    the neck). The rig is that mask evaluated at the mean face's material points, the
+    pivot the head centre (the origin of the model frame) and per-vertex axes
+    perpendicular to each vertex's meridian plane, ``(cos theta, 0, -sin theta)`` (on the
+    midline the x axis, ear to ear): posing turns every vertex down its meridian, as
+    the model does. (One x axis for all vertices is 10-15 mm off on the sides of the jaw
+    at 15-25 degrees.)
+
+    Parameters
+    ----------
+    uv : (n, 2) float64
+        Material coordinates (theta, phi) in radians of the template vertices.
+
+    Returns
+    -------
+    JawRig
+        ``pivot = (0, 0, 0)``, ``axis`` (n, 3).
+    """
+    from kernels.synth.expressions import jaw_weight
+    from kernels.synth.face_geometry import Domain
+
+    uv = as_array(uv, "uv", (None, 2))
+    td, pd = np.degrees(uv[:, 0]), np.degrees(uv[:, 1])
+    dom = Domain.points(td, pd)
+    w = np.clip(jaw_weight(dom.X, dom.Y, td, pd), 0.0, 1.0)
+    axes = np.column_stack([np.cos(uv[:, 0]), np.zeros(len(uv)), -np.sin(uv[:, 0])])
+    return JawRig(w, np.zeros(3), axes)
+
+
 def default_template(n_vertices: int = 25_000, margin_deg: float = DEFAULT_MARGIN_DEG,
-                     mouth_slit: bool = True) -> Template:
+                     mouth_slit: bool = True, jaw: bool = True) -> Template:
     """The project's template: the synthetic mean face, cropped to the scanned region.
 
     The mean identity, neutral (:func:`kernels.synth.face.mean_face_mesh`), is generated
@@ -211,13 +338,16 @@ def default_template(n_vertices: int = 25_000, margin_deg: float = DEFAULT_MARGI
         lips are separate surfaces joined only at the corners, as in the scans (the
         mouth interior is never scanned) and in common face templates. Without the slit
         an open jaw must stretch a 1.6 mm band of template triangles by 10-30 mm.
+    jaw : bool
+        Attach the jaw rig :func:`default_jaw_rig` (default True); False gives a template
+        without a jaw (the registration then skips its jaw stage).
 
     Returns
     -------
     Template
-        With ``uv`` set, parts from the mean mesh and the 106 landmarks as barycentric
+        With ``uv`` set, parts from the mean mesh, the 106 landmarks as barycentric
         points of the grid triangles that contain their uv (exactly the landmarks of
-        :func:`kernels.synth.face.face_mesh`).
+        :func:`kernels.synth.face.face_mesh`) and the jaw rig.
 
     Raises
     ------
@@ -267,6 +397,7 @@ def default_template(n_vertices: int = 25_000, margin_deg: float = DEFAULT_MARGI
         lf = fmap[fid]
     if np.any(lf < 0):  # pragma: no cover - guarded by the margin range
         raise ValueError(f"margin_deg: {margin} drops the triangles of landmarks {np.flatnonzero(lf < 0).tolist()}")
+    uv_k = np.asarray(uv)[vkeep].copy()
     return Template(
         vertices=np.asarray(mesh.vertices)[vkeep].copy(),
         faces=vmap[F[fkeep]].astype(np.int32),
@@ -274,7 +405,8 @@ def default_template(n_vertices: int = 25_000, margin_deg: float = DEFAULT_MARGI
         part_names=tuple(PART_NAMES),
         landmark_faces=lf,
         landmark_bary=bary,
-        uv=np.asarray(uv)[vkeep].copy(),
+        uv=uv_k,
+        jaw=default_jaw_rig(uv_k) if jaw else None,
     )
 
 
@@ -304,7 +436,7 @@ def _check_faces(F: np.ndarray, n: int) -> None:
                          f"two faces (neighbouring faces must have the same winding)")
 
 
-def make_template(vertices, faces, landmarks, parts, part_names=PART_NAMES) -> Template:
+def make_template(vertices, faces, landmarks, parts, part_names=PART_NAMES, jaw=None) -> Template:
     """Validate a user-supplied template.
 
     Parameters
@@ -321,6 +453,9 @@ def make_template(vertices, faces, landmarks, parts, part_names=PART_NAMES) -> T
         Part code of each vertex, in ``[0, len(part_names))``.
     part_names : sequence of str
         Distinct names of the parts (default :data:`kernels.synth.face.PART_NAMES`).
+    jaw : JawRig or tuple of (weights (n,), pivot (3,), axis (3,)), optional
+        Optional jaw rig (validated by :func:`make_jaw_rig`); None (default): no jaw, the
+        registration skips its jaw stage.
 
     Returns
     -------
@@ -334,7 +469,7 @@ def make_template(vertices, faces, landmarks, parts, part_names=PART_NAMES) -> T
         Naming the problem: wrong shapes, NaN/inf vertices, no faces, face indices out
         of range, repeated vertices in a face, non-manifold edges or inconsistent
         winding, landmark vertex / face ids out of range or a vertex in no face, bad
-        barycentric rows, part codes out of range, bad part names.
+        barycentric rows, part codes out of range, bad part names, a bad jaw rig.
     """
     V = as_array(vertices, "vertices", (None, 3))
     if V.shape[0] < 4:
@@ -368,7 +503,15 @@ def make_template(vertices, faces, landmarks, parts, part_names=PART_NAMES) -> T
     if len(names) > 255:
         raise ValueError(f"part_names: at most 255 parts, got {len(names)}")
     lf, lb = _landmarks(landmarks, F, n)
-    return Template(V.copy(), F.astype(np.int32), P.astype(np.uint8), names, lf, lb, None)
+    rig = None
+    if jaw is not None:
+        if isinstance(jaw, JawRig):
+            rig = make_jaw_rig(jaw.weights, jaw.pivot, jaw.axis, n)
+        elif isinstance(jaw, tuple) and len(jaw) == 3:
+            rig = make_jaw_rig(*jaw, n)
+        else:
+            raise ValueError(f"jaw: expected a JawRig or (weights, pivot, axis), got {type(jaw).__name__}")
+    return Template(V.copy(), F.astype(np.int32), P.astype(np.uint8), names, lf, lb, None, rig)
 
 
 def _landmarks(landmarks, F: np.ndarray, n: int):

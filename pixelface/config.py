@@ -65,7 +65,9 @@ class TemplateConfig(_Frozen):
     mesh: str | None = Field(None, description="User template mesh (PLY/OBJ, mm); needs `landmarks` and `parts`.")
     landmarks: str | None = Field(None, description="User template landmarks (JSON, docs/registration.md).")
     parts: str | None = Field(None, description="User template part labels (JSON, docs/registration.md).")
-    sha256: str | None = Field(None, description="Hash of the three user files; set by the build, part of the "
+    jaw: str | None = Field(None, description="Optional jaw rig of a user template (JSON, docs/registration.md); "
+                                              "without it the jaw stage is skipped.")
+    sha256: str | None = Field(None, description="Hash of the user files; set by the build, part of the "
                                                  "stage key (do not set by hand).")
 
     @model_validator(mode="after")
@@ -73,6 +75,8 @@ class TemplateConfig(_Frozen):
         given = [x is not None for x in (self.mesh, self.landmarks, self.parts)]
         if any(given) and not all(given):
             raise ValueError("template: give all of mesh, landmarks and parts, or none (default template)")
+        if self.jaw is not None and self.mesh is None:
+            raise ValueError("template: a jaw file belongs to a user template (give mesh, landmarks and parts too)")
         return self
 
 
@@ -126,7 +130,7 @@ def with_template_hash(cfg: "BuildConfig") -> "BuildConfig":
         return cfg
     from storage.template_io import template_files_sha256
 
-    sha = template_files_sha256(t.mesh, t.landmarks, t.parts)
+    sha = template_files_sha256(t.mesh, t.landmarks, t.parts, jaw_path=t.jaw)
     reg = cfg.stages.registration.model_copy(update={"template": t.model_copy(update={"sha256": sha})})
     return cfg.model_copy(update={"stages": cfg.stages.model_copy(update={"registration": reg})})
 

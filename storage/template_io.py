@@ -19,6 +19,16 @@ A user template is three files (``docs/registration.md``, "User templates"):
       {"format": "pixelface-template-parts", "version": 1,
        "part_names": ["outer", "forehead", ...], "labels": [int x n_vertices]}
 
+* optionally the jaw rig, JSON (:class:`kernels.template.JawRig`; without it the
+  registration's jaw stage is skipped)::
+
+      {"format": "pixelface-template-jaw", "version": 1,
+       "pivot": [x, y, z], "axis": [x, y, z] or [[x, y, z] x n_vertices],
+       "weights": [float in [0, 1] x n_vertices]}
+
+  ``pivot`` in the mesh's ``units``; a positive angle about ``axis`` (right-handed)
+  opens the mouth.
+
 Every error names the offending file.
 """
 
@@ -29,14 +39,15 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.template import N_LANDMARKS, Template, make_template
-from storage.meshio import read_mesh
+from kernels.template import N_LANDMARKS, Template, make_jaw_rig, make_template
+from storage.meshio import UNITS_TO_MM, read_mesh
 
 LANDMARKS_FORMAT = "pixelface-template-landmarks"
 PARTS_FORMAT = "pixelface-template-parts"
+JAW_FORMAT = "pixelface-template-jaw"
 VERSION = 1
 
-__all__ = ["read_template", "write_template", "LANDMARKS_FORMAT", "PARTS_FORMAT"]
+__all__ = ["read_template", "write_template", "LANDMARKS_FORMAT", "PARTS_FORMAT", "JAW_FORMAT"]
 
 
 def _load_json(path: Path, what: str, fmt: str) -> dict:
@@ -66,8 +77,32 @@ def _int_list(obj: dict, key: str, n: int | None, path: Path, what: str) -> np.n
     return np.asarray(v, dtype=np.int64)
 
 
-def read_template(mesh_path, landmarks_path, parts_path, units: str = "mm") -> Template:
-    """Read a user template from a mesh file, a landmark JSON file and a part-label JSON file.
+def _float_array(obj: dict, key: str, shape: tuple, path: Path, what: str) -> np.ndarray:
+    v = obj.get(key)
+    try:
+        a = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} file {path}: {key!r} must be numbers of shape {shape}") from None
+    if v is None or isinstance(v, (str, bool)) or a.shape not in shape:
+        raise ValueError(f"{what} file {path}: {key!r} must have shape {' or '.join(map(str, shape))}, "
+                         f"got {a.shape if v is not None else 'nothing'}")
+    return a
+
+
+def _read_jaw(jp: Path, n: int, units: str):
+    obj = _load_json(jp, "jaw", JAW_FORMAT)
+    weights = _float_array(obj, "weights", ((n,),), jp, "jaw")
+    pivot = _float_array(obj, "pivot", ((3,),), jp, "jaw") * UNITS_TO_MM[units]
+    axis = _float_array(obj, "axis", ((3,), (n, 3)), jp, "jaw")
+    try:
+        return make_jaw_rig(weights, pivot, axis, n)
+    except ValueError as exc:
+        raise ValueError(f"jaw file {jp}: {exc}") from None
+
+
+def read_template(mesh_path, landmarks_path, parts_path, units: str = "mm", jaw_path=None) -> Template:
+    """Read a user template from a mesh file, a landmark JSON file, a part-label JSON file
+    and optionally a jaw-rig JSON file.
 
     Parameters
     ----------
@@ -79,7 +114,10 @@ def read_template(mesh_path, landmarks_path, parts_path, units: str = "mm") -> T
     parts_path : path
         Part-label JSON.
     units : {"mm", "cm", "m"}
-        Units of the mesh file.
+        Units of the mesh file (and of the jaw pivot).
+    jaw_path : path, optional
+        Jaw-rig JSON (pivot, axis, per-vertex weights; see the module docstring). None
+        (default): the template has no jaw and the registration skips its jaw stage.
 
     Returns
     -------
@@ -91,7 +129,8 @@ def read_template(mesh_path, landmarks_path, parts_path, units: str = "mm") -> T
     ValueError
         Naming the file: missing or unreadable files, bad JSON, wrong format marker or
         version, wrong counts, landmark vertex / face ids out of range, bad barycentric
-        rows, part codes out of range, and the mesh checks of :func:`read_mesh` and
+        rows, part codes out of range, jaw weights outside [0, 1] or a zero axis, and the
+        mesh checks of :func:`read_mesh` and
         :func:`make_template` (non-manifold, inconsistent winding, ...).
     """
     mp, lp, pp = Path(mesh_path), Path(landmarks_path), Path(parts_path)
@@ -130,22 +169,25 @@ def read_template(mesh_path, landmarks_path, parts_path, units: str = "mm") -> T
     if bad.size:
         raise ValueError(f"part-label file {pp}: {bad.size} label(s) outside [0, {len(names)}) "
                          f"(vertex {int(bad[0])}: {int(labels[bad[0]])})")
+    jaw = _read_jaw(Path(jaw_path), n, units) if jaw_path is not None else None
     try:
-        return make_template(V, F, landmarks, labels, tuple(names))
+        return make_template(V, F, landmarks, labels, tuple(names), jaw=jaw)
     except ValueError as exc:
         src = lp if str(exc).startswith("landmarks") else (pp if str(exc).startswith("part") else mp)
         raise ValueError(f"template file {src}: {exc}") from None
 
 
-def write_template(template: Template, mesh_path, landmarks_path, parts_path) -> None:
-    """Write ``template`` as the three files :func:`read_template` reads (mesh as PLY/OBJ, mm).
+def write_template(template: Template, mesh_path, landmarks_path, parts_path, jaw_path=None) -> None:
+    """Write ``template`` as the files :func:`read_template` reads (mesh as PLY/OBJ, mm).
 
-    Landmarks are written as face ids + barycentric coordinates.
+    Landmarks are written as face ids + barycentric coordinates. ``jaw_path`` (optional):
+    write the template's jaw rig there (mm).
 
     Raises
     ------
     ValueError
-        Not a Template, or a mesh suffix other than ``.ply`` / ``.obj``.
+        Not a Template, a mesh suffix other than ``.ply`` / ``.obj``, a ``jaw_path`` for a
+        template without a jaw rig.
     """
     import open3d as o3d
 
@@ -154,6 +196,8 @@ def write_template(template: Template, mesh_path, landmarks_path, parts_path) ->
     mp = Path(mesh_path)
     if mp.suffix.lower() not in (".ply", ".obj"):
         raise ValueError(f"mesh file {mp}: expected a .ply or .obj file")
+    if jaw_path is not None and template.jaw is None:
+        raise ValueError(f"jaw file {jaw_path}: the template has no jaw rig to write")
     mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(np.array(template.vertices, dtype=np.float64)),
                                      o3d.utility.Vector3iVector(np.array(template.faces, dtype=np.int32)))
     if not o3d.io.write_triangle_mesh(str(mp), mesh, write_ascii=False):
@@ -167,10 +211,18 @@ def write_template(template: Template, mesh_path, landmarks_path, parts_path) ->
         "format": PARTS_FORMAT, "version": VERSION, "part_names": list(template.part_names),
         "labels": [int(x) for x in template.parts],
     }) + "\n")
+    if jaw_path is not None:
+        rig = template.jaw
+        Path(jaw_path).write_text(json.dumps({
+            "format": JAW_FORMAT, "version": VERSION, "pivot": [float(x) for x in rig.pivot],
+            "axis": np.asarray(rig.axis, float).tolist(), "weights": [float(x) for x in rig.weights],
+        }) + "\n")
 
 
-def template_files_sha256(mesh_path, landmarks_path, parts_path) -> str:
-    """SHA-256 over the three template files' bytes (names not included): the template's content key.
+def template_files_sha256(mesh_path, landmarks_path, parts_path, jaw_path=None) -> str:
+    """SHA-256 over the template files' bytes (names not included): the template's content key.
+
+    ``jaw_path`` (optional jaw-rig file) is hashed after the three others when given.
 
     Raises
     ------
@@ -180,7 +232,7 @@ def template_files_sha256(mesh_path, landmarks_path, parts_path) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for p in (mesh_path, landmarks_path, parts_path):
+    for p in (mesh_path, landmarks_path, parts_path) + ((jaw_path,) if jaw_path is not None else ()):
         p = Path(p)
         if not p.is_file():
             raise FileNotFoundError(f"template file {p}: not found")

@@ -139,10 +139,11 @@ def load_template(cfg: TemplateConfig) -> Template:
     from storage.template_io import read_template, template_files_sha256
 
     files = (cfg.mesh, cfg.landmarks, cfg.parts)
-    if cfg.sha256 is not None and template_files_sha256(*files) != cfg.sha256:
-        raise ValueError(f"template files {list(files)} changed since the build was configured "
+    if cfg.sha256 is not None and template_files_sha256(*files, jaw_path=cfg.jaw) != cfg.sha256:
+        named = list(files) + ([cfg.jaw] if cfg.jaw else [])
+        raise ValueError(f"template files {named} changed since the build was configured "
                          f"(sha256 {cfg.sha256[:12]}...); restart the build")
-    return read_template(*files)
+    return read_template(*files, jaw_path=cfg.jaw)
 
 
 @functools.lru_cache(maxsize=4)
@@ -177,5 +178,5 @@ def _registration_pack(out):
 
 FUSION = StageSpec("fusion", "2", "sample", False, _fusion_load, _fusion_kernel, _fusion_pack)
 SURFACE = StageSpec("surface", "2", "sample", False, _surface_load, _surface_kernel, _surface_pack)
-REGISTRATION = StageSpec("registration", "1", "sample", False, _registration_load, _registration_kernel,
+REGISTRATION = StageSpec("registration", "2", "sample", False, _registration_load, _registration_kernel,
                          _registration_pack)

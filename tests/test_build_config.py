@@ -69,3 +69,29 @@ def test_user_template_files_are_hashed_into_the_registration_key(tmp_path):
         load_template(reg.template)
     with pytest.raises(ValueError, match="give all of mesh, landmarks and parts"):
         load_config(overrides={"build": {"stages": {"registration": {"template": {"mesh": str(files[0])}}}}})
+
+
+def test_user_template_jaw_file_is_loaded_and_hashed(tmp_path):
+    from kernels.template import default_template
+    from pixelface.config import load_config, with_template_hash
+    from storage.keys import params_hash
+    from storage.template_io import write_template
+    from tasks.sample_stages import load_template
+
+    t = default_template(2000)
+    assert t.jaw is not None
+    files = [tmp_path / n for n in ("t.ply", "lm.json", "parts.json", "jaw.json")]
+    write_template(t, *files[:3], jaw_path=files[3])
+    base = {"mesh": str(files[0]), "landmarks": str(files[1]), "parts": str(files[2])}
+
+    def reg(tpl):
+        return with_template_hash(load_config(overrides={"build": {"stages": {"registration": {"template": tpl}}}})
+                                  .build).stages.registration
+
+    without, with_jaw = reg(base), reg({**base, "jaw": str(files[3])})
+    assert load_template(without.template).jaw is None
+    loaded = load_template(with_jaw.template)
+    assert loaded.jaw is not None and without.template.sha256 != with_jaw.template.sha256
+    assert params_hash(without) != params_hash(with_jaw)
+    with pytest.raises(ValueError, match="jaw file belongs to a user template"):
+        load_config(overrides={"build": {"stages": {"registration": {"template": {"jaw": str(files[3])}}}}})

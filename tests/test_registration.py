@@ -17,11 +17,14 @@ import pytest
 from benchmarks.registration import (
     evaluate, laplacian_norm, missing_data_scan, px_to_mm, synthetic_scan, wrong_landmarks,
 )
+from kernels.jaw import JawParams, pose_jaw
 from kernels.nicp import NicpParams, NicpStep, prepare_template
 from kernels.registration import RegistrationParams, RegistrationResult, register
 from kernels.similarity import SimilarityParams, apply_similarity, fit_similarity
+from kernels.synth.expressions import EXPRESSION_INDEX, jaw_open_deg
 from kernels.synth.face import sample_subject, surface_points
-from kernels.template import default_template
+from kernels.synth.face_params import FaceModelParams
+from kernels.template import default_template, make_template
 
 N_TEMPLATE, N_SCAN = 5_000, 40_000
 SUBJECTS = (("R000", 21), ("R001", 22))
@@ -113,12 +116,54 @@ def test_exaggerated_expressions_reported_separately(template, prepared):
     # cheek blow: within 1.5x of neutral
     cb = np.mean([_registered(template, prepared, s, "cheek_blow")[1]["corr_mean_mm"] for s in range(2)])
     assert cb <= 1.5 * neutral, (cb, neutral)
-    # grin and surprise (open jaw, the chin and lower lip partly unobserved): the surface fit
-    # and the mesh stay sound; their correspondence error is the documented limit
+    # grin and surprise (open jaw, the chin and lower lip partly unobserved; grin's cheek lift,
+    # surprise's 9 mm brow lift): the surface fit and the mesh stay sound; measured 1.4x (surprise)
+    # and 2.1x (grin) the neutral error here (docs/registration.md, "Known limits")
     for e in ("grin", "surprise"):
         r, ev = _registered(template, prepared, 0, e)
         assert ev["surface_mm"] <= 0.2 and r.qc["n_flipped"] == 0 and r.qc["n_degenerate"] == 0, (e, ev)
-        assert ev["corr_mean_mm"] <= 8.0 * neutral, (e, ev["corr_mean_mm"], neutral)
+        assert ev["corr_mean_mm"] <= 2.5 * neutral, (e, ev["corr_mean_mm"], neutral)
+
+
+def test_open_jaw_registers_with_the_jaw_stage(template, prepared):
+    """Stage 1b poses the template's jaw: open-jaw scans register almost like neutral ones.
+
+    Without it (``JawParams(enabled=False)``) the stiffness spreads the jaw rotation into the
+    cheeks and the chin lags: 1.9-5x the neutral error on these scans.
+    """
+    off = RegistrationParams(jaw=JawParams(enabled=False))
+    for sid, e in ((0, "surprise"), (1, "mouth_open")):
+        neutral = _registered(template, prepared, sid, "neutral")[1]["corr_mean_mm"]
+        r, ev = _registered(template, prepared, sid, e)
+        subj = sample_subject(*SUBJECTS[sid])
+        true = jaw_open_deg(e, subj.expression_intensity[EXPRESSION_INDEX[e]], FaceModelParams())
+        assert abs(r.qc["jaw_angle_deg"] - true) <= 3.0, (e, r.qc["jaw_angle_deg"], true)
+        assert r.jaw is not None and not r.jaw.skipped and r.jaw.n_landmarks >= 5
+        assert ev["corr_mean_mm"] <= 1.3 * neutral and ev["corr_p95_mm"] <= 3.5, (e, ev["corr_mean_mm"], neutral)
+        assert r.qc["n_flipped"] == 0 and r.qc["n_degenerate"] == 0 and ev["surface_mm"] <= 0.2
+        sc = _scan(sid, e)
+        r0 = register(prepared, sc["vertices"], sc["faces"], sc["landmarks"], off)
+        ev0 = evaluate(template, r0.vertices, sc)
+        assert ev0["corr_mean_mm"] > 1.3 * neutral and np.isnan(r0.qc["jaw_angle_deg"])   # the bound needs the stage
+        assert r0.qc["jaw_skipped"] == "disabled"
+    # a neutral scan keeps its jaw closed (the dead zone absorbs identity differences)
+    for sid in range(len(SUBJECTS)):
+        assert _registered(template, prepared, sid, "neutral")[0].qc["jaw_angle_deg"] == 0.0
+
+
+def test_jaw_rig_pose_and_template_without_jaw(template):
+    rig = template.jaw
+    V = np.asarray(template.vertices)
+    P = pose_jaw(V, rig.weights, rig.pivot, rig.axis, 20.0)
+    lm = template.landmark_points(P) - template.landmark_points()
+    assert np.linalg.norm(lm[93]) > 25.0 and np.linalg.norm(lm[16]) > 15.0     # lower lip, chin move
+    assert np.linalg.norm(lm[[51, 54, 74, 87]], axis=1).max() < 0.5             # nose, eyes, upper lip stay
+    np.testing.assert_allclose(np.linalg.norm(P - rig.pivot, axis=1), np.linalg.norm(V - rig.pivot, axis=1))
+    # a user template without a jaw rig: the stage is skipped and reported
+    T2 = make_template(V, template.faces, (template.landmark_faces, template.landmark_bary), template.parts)
+    sc = _scan(1, "neutral")
+    r = register(T2, sc["vertices"], sc["faces"], sc["landmarks"])
+    assert r.jaw is None and r.qc["jaw_skipped"] == "no jaw rig" and np.isnan(r.qc["jaw_angle_deg"])
 
 
 def test_missing_data_cheek_and_eye_hole(template, prepared):
@@ -257,3 +302,11 @@ def test_bad_inputs_raise_naming_the_problem(template, prepared):
         NicpParams(schedule=(NicpStep(0.1, 1.0, 2, 1, 4.0), NicpStep(0.1, 1.0, 2, 0, 4.0)))
     with pytest.raises(ValueError, match="SimilarityParams.scale_range"):
         SimilarityParams(scale_range=(1.2, 1.4))
+    with pytest.raises(ValueError, match="JawParams.angle_range_deg: need -90 <= low < high <= 90"):
+        JawParams(angle_range_deg=(30.0, 10.0))
+    with pytest.raises(ValueError, match="JawParams.icp_keep"):
+        JawParams(icp_keep=0.0)
+    with pytest.raises(ValueError, match="RegistrationParams.jaw: expected JawParams"):
+        RegistrationParams(jaw={"enabled": False})
+    with pytest.raises(ValueError, match=r"axis: expected shape \(3,\) or"):
+        pose_jaw(template.vertices, template.jaw.weights, np.zeros(3), np.ones((5, 3)), 10.0)

@@ -113,3 +113,65 @@ def test_template_files_roundtrip_and_errors(tmp_path, tpl):
         read_template(m, lm, pt2)
     with pytest.raises(ValueError, match="mesh file .*missing.ply: no such file"):
         read_template(tmp_path / "missing.ply", lm, pt)
+
+
+def test_default_jaw_rig_follows_the_model_jaw(tpl):
+    """Posing the default template's jaw by the model's angle reproduces the model's jaw motion."""
+    from kernels.jaw import pose_jaw
+    from kernels.synth.face import EXPRESSIONS, N_IDENTITY, Subject, surface_points
+
+    rig = tpl.jaw
+    assert rig is not None and rig.weights.shape == (tpl.n_vertices,)
+    assert rig.weights.min() >= 0.0 and rig.weights.max() <= 1.0 and not rig.weights.flags.writeable
+    np.testing.assert_allclose(np.linalg.norm(rig.axis, axis=1), 1.0)
+    lw = tpl.landmark_weights(rig.weights)
+    assert lw[[93, 94, 95]].min() > 0.9 and lw[16] > 0.5              # lower lip; chin (the mask fades down the neck)
+    assert lw[[51, 54, 66, 74, 87, 104]].max() < 0.05                # nose, eyes, upper lip
+    mean = Subject("mean", "female", 49, np.zeros(N_IDENTITY), np.ones(len(EXPRESSIONS)), 0.5, 0.2)
+    motion = surface_points(mean, "mouth_open", tpl.uv) - surface_points(mean, "neutral", tpl.uv)
+    posed = pose_jaw(tpl.vertices, rig.weights, rig.pivot, rig.axis, 15.0) - tpl.vertices
+    # outside the lips' band (which the model also pushes into a mouth cavity); the subject's
+    # radius differs from the mean face's by a few percent, so is its jaw motion
+    fr = face_region(tpl.uv) & (tpl.parts != PART_NAMES.index("mouth"))
+    m = np.linalg.norm(motion[fr], axis=1)
+    assert m.max() > 20.0
+    assert np.all(np.linalg.norm(posed[fr] - motion[fr], axis=1) <= 0.05 * m + 0.05)
+    assert default_template(5_000, jaw=False).jaw is None
+
+
+def test_jaw_rig_validation_and_files(tmp_path, tpl):
+    from kernels.template import make_jaw_rig
+
+    V, F, P = _small()
+    n = len(V)
+    T = make_template(V, F, np.arange(106), P, jaw=(np.linspace(0, 1, n), [0, 0, 0], [2.0, 0, 0]))
+    np.testing.assert_allclose(T.jaw.axis, [1.0, 0.0, 0.0])
+    for args, match in [((np.full(n, 1.5), np.zeros(3), [1, 0, 0]), r"jaw weights: must be in \[0, 1\]"),
+                        ((np.zeros(n), np.zeros(3), [1, 0, 0]), "jaw weights: all zero"),
+                        ((np.ones(n - 1), np.zeros(3), [1, 0, 0]), r"jaw weights: expected shape"),
+                        ((np.ones(n), np.zeros(3), [0, 0, 0]), "jaw axis: must be non-zero"),
+                        ((np.ones(n), [0, np.nan, 0], [1, 0, 0]), "jaw pivot: must be finite")]:
+        with pytest.raises(ValueError, match=match):
+            make_jaw_rig(*args, n)
+    with pytest.raises(ValueError, match="jaw: expected a JawRig"):
+        make_template(V, F, np.arange(106), P, jaw=np.ones(n))
+    # files: the optional jaw file round-trips; without it the template has no jaw
+    m, lm, pt, jw = tmp_path / "t.ply", tmp_path / "l.json", tmp_path / "p.json", tmp_path / "j.json"
+    write_template(tpl, m, lm, pt, jw)
+    R = read_template(m, lm, pt, jaw_path=jw)
+    np.testing.assert_allclose(R.jaw.weights, tpl.jaw.weights)
+    np.testing.assert_allclose(R.jaw.axis, tpl.jaw.axis)
+    assert read_template(m, lm, pt).jaw is None
+    Rc = read_template(m, lm, pt, units="cm", jaw_path=jw)
+    np.testing.assert_allclose(Rc.jaw.pivot, 10.0 * np.asarray(tpl.jaw.pivot))
+    obj = json.loads(jw.read_text())
+    obj["weights"] = obj["weights"][:-1]
+    jw.write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match=f"jaw file {jw}: 'weights' must have shape"):
+        read_template(m, lm, pt, jaw_path=jw)
+    obj["weights"] = [2.0] * tpl.n_vertices
+    jw.write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match=rf"jaw file {jw}: jaw weights: must be in \[0, 1\]"):
+        read_template(m, lm, pt, jaw_path=jw)
+    with pytest.raises(ValueError, match="has no jaw rig to write"):
+        write_template(make_template(V, F, np.arange(106), P), tmp_path / "u.ply", lm, pt, jw)
