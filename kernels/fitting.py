@@ -31,6 +31,8 @@ from scipy.linalg import cho_factor, cho_solve
 from scipy.linalg.blas import dsyrk
 
 from kernels._checks import as_array, check_int, check_number
+from kernels._geometry import (apply_transform as _apply, axis_angle_matrix as _rotation,
+                              unit_face_normals as _face_normals)
 from kernels.metrics import MeshIndex, check_mesh, mesh_boundary, on_boundary, similarity_fit
 from kernels.model import N_LANDMARKS, MorphableModel
 
@@ -216,22 +218,9 @@ class FitResult:
     iterations: tuple
 
 
-def _apply(T: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return x @ T[:3, :3].T + T[:3, 3]
-
-
 def _decompose(T: np.ndarray):
     s = float(np.cbrt(np.linalg.det(T[:3, :3])))
     return s, T[:3, :3] / s, T[:3, 3].copy()
-
-
-def _rotation(omega: np.ndarray) -> np.ndarray:
-    th = float(np.linalg.norm(omega))
-    if th < 1e-300:
-        return np.eye(3)
-    k = omega / th
-    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(th) * K + (1 - np.cos(th)) * (K @ K)
 
 
 def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
@@ -240,12 +229,6 @@ def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
     for k in range(3):
         for c in range(3):
             n[:, c] += np.bincount(f[:, k], weights=fn[:, c], minlength=v.shape[0])
-    ln = np.linalg.norm(n, axis=1, keepdims=True)
-    return np.divide(n, ln, out=np.zeros_like(n), where=ln > 0)
-
-
-def _face_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
-    n = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
     ln = np.linalg.norm(n, axis=1, keepdims=True)
     return np.divide(n, ln, out=np.zeros_like(n), where=ln > 0)
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels._checks import as_array
+from kernels._geometry import apply_transform as _apply
 from kernels.align import FALLBACK, CoarseAlignment, CoarseParams, align_landmarks
 from kernels.icp import IcpParams, IcpResult, prepare_target, refine_icp
 from kernels.merge import MergeParams, _grid_normals, merge_views, valid_box, voxel_average
@@ -201,10 +202,6 @@ def _view_normals(P, mask, half_window, towards):
     N = _grid_normals(mask[box[0]:box[1], box[2]:box[3]], P, int(half_window))
     s = np.nansum(np.einsum("ij,ij->i", N, towards))
     return -N if s < 0 else N
-
-
-def _apply(T: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return x @ T[:3, :3].T + T[:3, 3]
 
 
 def _angle_deg(R: np.ndarray) -> float:

@@ -32,6 +32,8 @@ import numpy as np
 import open3d as o3d
 
 from kernels._checks import as_array, check_int, check_number
+from kernels._geometry import (apply_transform as _apply, axis_angle_matrix as _rotation,
+                              unit_face_normals as _face_normals)
 
 __all__ = [
     "RADII", "INTEROCULAR", "NOSE_TIP", "ClosestPoints", "MeshIndex", "check_mesh", "closest_points",
@@ -542,10 +544,6 @@ def similarity_fit(src, dst, scale: bool = True, weights=None) -> np.ndarray:
     return T
 
 
-def _apply(T: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return x @ T[:3, :3].T + T[:3, 3]
-
-
 # -- NME -------------------------------------------------------------------------------------
 
 _NORMALISERS = ("bbox", "bbox_xy", "diagonal")
@@ -732,21 +730,6 @@ class ArmseResult:
     landmark_rms: float
     n_landmarks: int
     icp: tuple
-
-
-def _rotation(omega: np.ndarray) -> np.ndarray:
-    th = float(np.linalg.norm(omega))
-    if th < 1e-300:
-        return np.eye(3)
-    k = omega / th
-    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(th) * K + (1 - np.cos(th)) * (K @ K)
-
-
-def _face_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
-    n = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
-    ln = np.linalg.norm(n, axis=1, keepdims=True)
-    return np.divide(n, ln, out=np.zeros_like(n), where=ln > 0)
 
 
 def _icp_polish(src, scene: MeshIndex, normals, edge_f, vert_f, r_max, params: IcpPolishParams):
