@@ -204,6 +204,24 @@ def _check_landmarks(a: np.ndarray, name: str) -> None:
                          f"(a row is all NaN or finite)")
 
 
+def _landmark_pairs(template_landmarks, scan_landmarks, need: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked (k, 3) template and scan landmarks and the indices of the usable (finite) scan rows.
+
+    Raises ``ValueError`` for bad shapes, infinite values, partly-NaN rows, all rows NaN, or fewer
+    than ``need`` usable rows.
+    """
+    src = as_array(template_landmarks, "template_landmarks", (None, 3), finite=True)
+    dst = as_array(scan_landmarks, "scan_landmarks", (src.shape[0], 3))
+    _check_landmarks(dst, "scan_landmarks")
+    ok = np.isfinite(dst[:, 0])
+    n = int(ok.sum())
+    if n == 0:
+        raise ValueError(f"scan_landmarks: all {src.shape[0]} rows are NaN (no landmark was seen); cannot initialise")
+    if n < need:
+        raise ValueError(f"scan_landmarks: only {n} usable (finite) landmarks, need at least {need}")
+    return src, dst, np.flatnonzero(ok)
+
+
 def fit_similarity(template_landmarks, scan_landmarks, params: SimilarityParams = SimilarityParams(),
                    rng=None) -> Similarity:
     """Robust similarity taking the template's landmarks onto the scan's.
@@ -236,17 +254,8 @@ def fit_similarity(template_landmarks, scan_landmarks, params: SimilarityParams 
     """
     if not isinstance(params, SimilarityParams):
         raise ValueError(f"params: expected SimilarityParams, got {type(params).__name__}")
-    src = as_array(template_landmarks, "template_landmarks", (None, 3), finite=True)
-    dst = as_array(scan_landmarks, "scan_landmarks", (src.shape[0], 3))
-    _check_landmarks(dst, "scan_landmarks")
-    k = src.shape[0]
-    ok = np.isfinite(dst[:, 0])
-    n = int(ok.sum())
-    if n == 0:
-        raise ValueError(f"scan_landmarks: all {k} rows are NaN (no landmark was seen); cannot initialise")
-    if n < params.min_landmarks:
-        raise ValueError(f"scan_landmarks: only {n} usable (finite) landmarks, need at least {params.min_landmarks}")
-    idx = np.flatnonzero(ok)
+    src, dst, idx = _landmark_pairs(template_landmarks, scan_landmarks, params.min_landmarks)
+    k, n = src.shape[0], len(idx)
     S, D = src[idx], dst[idx]
     gen = as_rng(rng)
     thr = params.inlier_threshold_mm
@@ -321,14 +330,8 @@ def refit_similarity(template_landmarks, scan_landmarks, sim: Similarity,
         raise ValueError(f"sim: expected a Similarity, got {type(sim).__name__}")
     if not isinstance(params, SimilarityParams):
         raise ValueError(f"params: expected SimilarityParams, got {type(params).__name__}")
-    src = as_array(template_landmarks, "template_landmarks", (None, 3), finite=True)
-    dst = as_array(scan_landmarks, "scan_landmarks", (src.shape[0], 3))
-    _check_landmarks(dst, "scan_landmarks")
+    src, dst, idx = _landmark_pairs(template_landmarks, scan_landmarks, 3)
     k = src.shape[0]
-    ok = np.isfinite(dst[:, 0])
-    if ok.sum() < 3:
-        raise ValueError(f"scan_landmarks: only {int(ok.sum())} usable (finite) landmarks, need at least 3")
-    idx = np.flatnonzero(ok)
     S, D = src[idx], dst[idx]
     lo, hi = params.scale_range
     s, R, t = sim.scale, np.asarray(sim.rotation, float), np.asarray(sim.translation, float)
@@ -344,7 +347,7 @@ def refit_similarity(template_landmarks, scan_landmarks, sim: Similarity,
     inliers[idx] = r < thr
     n_in = int(inliers.sum())
     rmse = float(np.sqrt(np.mean(r[r < thr] ** 2))) if n_in else float("nan")
-    return Similarity(float(s), R, t, inliers, res, int(ok.sum()), n_in, rmse, sim.icp_iterations, sim.icp_rmse_mm)
+    return Similarity(float(s), R, t, inliers, res, len(idx), n_in, rmse, sim.icp_iterations, sim.icp_rmse_mm)
 
 
 UPPER_LIP = (85, 86, 87, 88, 89, 97, 98, 99)
