@@ -18,7 +18,7 @@ iterations of the template's face onto the scan surface.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -222,6 +222,24 @@ def _landmark_pairs(template_landmarks, scan_landmarks, need: int) -> tuple[np.n
     return src, dst, np.flatnonzero(ok)
 
 
+def _irls_similarity(S, D, s, R, t, r, idx, k: int, params: "SimilarityParams") -> "Similarity":
+    """IRLS refits (Cauchy weights of scale ``irls_scale_mm``) from ``(s, R, t)`` with residuals ``r`` of the
+    usable pairs ``S -> D`` (rows ``idx`` of ``k`` landmarks), then residuals, inliers and RMSE as a Similarity."""
+    lo, hi = params.scale_range
+    c = params.irls_scale_mm
+    for _ in range(params.irls_iterations):
+        s, R, t = _umeyama(S, D, 1.0 / (1.0 + (r / c) ** 2), lo, hi)
+        r = np.linalg.norm(s * S @ R.T + t - D, axis=1)
+    thr = params.inlier_threshold_mm
+    res = np.full(k, np.nan)
+    res[idx] = r
+    inliers = np.zeros(k, bool)
+    inliers[idx] = r < thr
+    n_in = int(inliers.sum())
+    rmse = float(np.sqrt(np.mean(r[r < thr] ** 2))) if n_in else float("nan")
+    return Similarity(float(s), R, t, inliers, res, len(idx), n_in, rmse)
+
+
 def fit_similarity(template_landmarks, scan_landmarks, params: SimilarityParams = SimilarityParams(),
                    rng=None) -> Similarity:
     """Robust similarity taking the template's landmarks onto the scan's.
@@ -282,18 +300,7 @@ def fit_similarity(template_landmarks, scan_landmarks, params: SimilarityParams 
     else:  # every triplet degenerate: plain least squares start
         s, R, t = _umeyama(S, D, np.ones(n), lo, hi)
         s_all = np.linalg.norm(s * S @ R.T + t - D, axis=1)
-    c = params.irls_scale_mm
-    for _ in range(params.irls_iterations):
-        w = 1.0 / (1.0 + (s_all / c) ** 2)
-        s, R, t = _umeyama(S, D, w, lo, hi)
-        s_all = np.linalg.norm(s * S @ R.T + t - D, axis=1)
-    res = np.full(k, np.nan)
-    res[idx] = s_all
-    inliers = np.zeros(k, bool)
-    inliers[idx] = s_all < thr
-    n_in = int(inliers.sum())
-    rmse = float(np.sqrt(np.mean(s_all[s_all < thr] ** 2))) if n_in else float("nan")
-    return Similarity(float(s), R, t, inliers, res, n, n_in, rmse)
+    return _irls_similarity(S, D, s, R, t, s_all, idx, k, params)
 
 
 def refit_similarity(template_landmarks, scan_landmarks, sim: Similarity,
@@ -333,21 +340,10 @@ def refit_similarity(template_landmarks, scan_landmarks, sim: Similarity,
     src, dst, idx = _landmark_pairs(template_landmarks, scan_landmarks, 3)
     k = src.shape[0]
     S, D = src[idx], dst[idx]
-    lo, hi = params.scale_range
     s, R, t = sim.scale, np.asarray(sim.rotation, float), np.asarray(sim.translation, float)
     r = np.linalg.norm(s * S @ R.T + t - D, axis=1)
-    c = params.irls_scale_mm
-    for _ in range(params.irls_iterations):
-        s, R, t = _umeyama(S, D, 1.0 / (1.0 + (r / c) ** 2), lo, hi)
-        r = np.linalg.norm(s * S @ R.T + t - D, axis=1)
-    thr = params.inlier_threshold_mm
-    res = np.full(k, np.nan)
-    res[idx] = r
-    inliers = np.zeros(k, bool)
-    inliers[idx] = r < thr
-    n_in = int(inliers.sum())
-    rmse = float(np.sqrt(np.mean(r[r < thr] ** 2))) if n_in else float("nan")
-    return Similarity(float(s), R, t, inliers, res, len(idx), n_in, rmse, sim.icp_iterations, sim.icp_rmse_mm)
+    out = _irls_similarity(S, D, s, R, t, r, idx, k, params)
+    return replace(out, icp_iterations=sim.icp_iterations, icp_rmse_mm=sim.icp_rmse_mm)
 
 
 UPPER_LIP = (85, 86, 87, 88, 89, 97, 98, 99)
