@@ -53,11 +53,13 @@ def _subset(subjects: list[str], fraction: float, seed: int) -> list[str]:
 
 @flow(name="evaluate-samples", persist_result=False)
 def evaluate_samples(store: str, samples: list, variants: dict[str, str], radii: tuple[float, ...],
-                     age_groups: tuple) -> list[dict]:
+                     age_groups: tuple, landmark_weight: float) -> list[dict]:
     """One task per eval scan (on the flow's Dask task runner)."""
+    from kernels.fitting import FitParams
     from tasks.evaluate import evaluate_sample
 
-    futures = [evaluate_sample.submit(store, s, variants, radii, age_groups) for s in samples]
+    fit_params = FitParams(dense_landmark_weight=landmark_weight)
+    futures = [evaluate_sample.submit(store, s, variants, radii, age_groups, fit_params) for s in samples]
     wait_futures(futures)
     rows = []
     for s, f in zip(samples, futures):
@@ -122,7 +124,8 @@ def evaluate(build: BuildConfig, model: ModelConfig = ModelConfig(),
         log.info("evaluating %d scans with variants %s (subset of %d training subjects: %s)", len(samples),
                  variants, len(subset), subset)
         runner = evaluate_samples.with_options(task_runner=DaskRunner(address=address))
-        rows = runner(store, samples, variants, tuple(evaluation.radii), tuple(evaluation.age_groups))
+        rows = runner(store, samples, variants, tuple(evaluation.radii), tuple(evaluation.age_groups),
+                      evaluation.fit_landmark_weight)
     cols: dict[str, None] = {}
     for r in rows:
         cols.update(dict.fromkeys(r))

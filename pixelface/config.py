@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -155,6 +155,10 @@ class ModelConfig(_Frozen):
     expression_components: int = Field(99, ge=1, le=5000,
                                        description="Expression components (fewer when the data's rank is lower).")
     variance_target: float = Field(0.99, gt=0.0, le=1.0, description="Reported: components needed for this share.")
+    pca_precision: Literal["double", "mixed"] = Field(
+        "mixed", description="Exact PCA arithmetic (kernels.pca.pca_from_blocks): 'mixed' = float32 Gram matrix + a "
+                             "certified float64 Rayleigh-Ritz step (falls back to 'double' when not certified); "
+                             "'double' = float64 Gram matrix.")
     neutral_expression: str = Field("neutral", description="Expression name of the neutral scans.")
     row_block: int = Field(64, ge=1, le=4096, description="Rows (samples) per chunk of the data matrices.")
     column_block: int = Field(8192, ge=256, le=1 << 22, description="Columns per chunk of the data matrices.")
@@ -175,6 +179,9 @@ class EvaluateConfig(_Frozen):
     age_groups: tuple[tuple[int, int], ...] = Field(((18, 30), (31, 45), (46, 60), (61, 80)),
                                                     description="Inclusive age ranges of the breakdown.")
     max_samples: int | None = Field(None, ge=1, description="Evaluate at most this many eval-split samples.")
+    fit_landmark_weight: float = Field(
+        10.0, ge=0.0, description="kernels.fitting.FitParams.dense_landmark_weight of the fits: one fused landmark's "
+                                  "squared residual against one model vertex's squared distance (docs/evaluation.md).")
 
 
 class Config(_Frozen):

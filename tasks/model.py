@@ -179,13 +179,13 @@ def _rows(pairs) -> list[tuple[RegRef, RegRef | None]]:
     return [(p, None) if isinstance(p, RegRef) else (p[0], p[1]) for p in pairs]
 
 
-def _pca(path: str, k: int, center: bool):
+def _pca(path: str, k: int, center: bool, precision: str):
     import dask.array as da
 
     from storage.models import open_matrix
     from tasks.pca import exact_pca_dask
 
-    return exact_pca_dask(da.from_zarr(open_matrix(path)), k, center=center)
+    return exact_pca_dask(da.from_zarr(open_matrix(path)), k, center=center, precision=precision)
 
 
 def _matrix(path: str):
@@ -246,11 +246,11 @@ def build_or_reuse_model(store: str, cfg, registration_params, code_version: str
     gather = lambda name, rows: gather_matrix.fn(store, model_id, name, rows, n_vertices, cfg.row_block,  # noqa: E731
                                                  cfg.column_block, client)
     shape_path = gather("shape", shape_rows)
-    shape = _pca(shape_path, cfg.shape_components, center=True)
+    shape = _pca(shape_path, cfg.shape_components, center=True, precision=cfg.pca_precision)
     expr = None
     if len(expr_rows) >= 1:
         expr_path = gather("expression", expr_rows)
-        expr = _pca(expr_path, cfg.expression_components, center=False)
+        expr = _pca(expr_path, cfg.expression_components, center=False, precision=cfg.pca_precision)
     quality = model_quality(store, model_id, cfg, shape, expr, shape_path,
                             gather("eval_shape", eval_shape_rows) if eval_shape_rows else None,
                             gather("eval_expression", eval_expr_rows) if eval_expr_rows else None)
