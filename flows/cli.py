@@ -62,6 +62,7 @@ def _overrides(args: argparse.Namespace, mapping: dict[str, tuple[str, ...]]) ->
 _SYNTH_OPTIONS = {
     "subjects": ("synth", "subjects"),
     "expressions": ("synth", "expressions"),
+    "neutral_subjects": ("synth", "neutral_subjects"),
     "seed": ("synth", "seed"),
     "width": ("synth", "rig", "width"),
     "height": ("synth", "rig", "height"),
@@ -75,6 +76,8 @@ def _add_synth_options(p: argparse.ArgumentParser, counts: bool = True) -> None:
     if counts:
         p.add_argument("--subjects", type=int, help="number of subjects (default from config: 8)")
         p.add_argument("--expressions", type=int, help="expressions per subject, 1..22 (default 6)")
+        p.add_argument("--neutral-subjects", dest="neutral_subjects", type=int,
+                       help="further subjects captured in the neutral expression only (default 0)")
     p.add_argument("--width", type=int, help="camera width in pixels (default 1280)")
     p.add_argument("--height", type=int, help="camera height in pixels (default 1024)")
     p.add_argument("--seed", type=int, help="top-level seed (default 0)")
@@ -96,6 +99,8 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise ValueError(f"--subjects must be >= 1, got {args.subjects}")
     if args.expressions is not None and not 1 <= args.expressions <= 22:
         raise ValueError(f"--expressions must be in 1..22, got {args.expressions}")
+    if getattr(args, "neutral_subjects", None) is not None and args.neutral_subjects < 0:
+        raise ValueError(f"--neutral-subjects must be >= 0, got {args.neutral_subjects}")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -111,7 +116,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), disable=args.quiet, transient=False) as bar:
-        task = bar.add_task("", total=cfg.subjects)
+        task = bar.add_task("", total=cfg.subjects + cfg.neutral_subjects)
         summary = synthesize(cfg, out, gt, workers=args.workers, overwrite=args.overwrite,
                              on_subject=lambda sid, n: bar.update(task, advance=1, description=f"{sid}: {n} samples"))
     dt = time.perf_counter() - t0

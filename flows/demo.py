@@ -55,7 +55,8 @@ def run_demo(work: Path, quiet: bool = False, config: Path | None = None) -> int
         "dask_local_directory": str(work / "dask")}})
     workers = max(1, min(os.cpu_count() or 1, cfg.synth.subjects))
     t0 = time.perf_counter()
-    _say(quiet, f"[1/6] synthesising {cfg.synth.subjects} subjects x {cfg.synth.expressions} expressions "
+    extra = f" + {cfg.synth.neutral_subjects} neutral-only subjects" if cfg.synth.neutral_subjects else ""
+    _say(quiet, f"[1/6] synthesising {cfg.synth.subjects} subjects x {cfg.synth.expressions} expressions{extra} "
                 f"at {cfg.synth.rig.width}x{cfg.synth.rig.height} into {raw_root} ({workers} processes)")
     synth = synthesize(cfg.synth, raw_root, gt_root, workers=workers, overwrite=True,
                        on_subject=lambda sid, n: _say(quiet, f"      {sid}: {n} samples"))

@@ -87,8 +87,9 @@ def _mesh_record(m: FaceMesh) -> dict[str, np.ndarray]:
 
 
 def synthesize_subject(cfg: SynthConfig, subject_id: str, raw_root: Path, gt_root: Path,
-                       overwrite: bool = False) -> int:
-    """Generate, scan and write every expression of one subject; returns the sample count.
+                       overwrite: bool = False, expressions: int | None = None) -> int:
+    """Generate, scan and write the first ``expressions`` expressions (default
+    ``cfg.expressions``) of one subject; returns the sample count.
 
     Every random draw derives from ``cfg.seed`` and the ids (subject, expression, view),
     so any subject can be regenerated alone with identical bytes.
@@ -108,7 +109,7 @@ def synthesize_subject(cfg: SynthConfig, subject_id: str, raw_root: Path, gt_roo
     # One calibration per subject session: the side groups drift between sessions.
     rig_stored = perturb_rig(rig_true, cfg.rig, derive_rng(cfg.seed, "calibration", subject_id))
     n = 0
-    for expr in EXPRESSIONS[: cfg.expressions]:
+    for expr in EXPRESSIONS[: cfg.expressions if expressions is None else expressions]:
         mesh = face_mesh(subject, expr.name, cfg.mesh_vertices, cfg.face)
         scene = SceneMesh(mesh.vertices, mesh.faces, mesh.albedo_ir, mesh.albedo_rgb, mesh.landmarks)
         renders = scan(scene, rig_true, cfg.fringe, cfg.photometry,
@@ -127,14 +128,15 @@ def _check_separate(raw_root: Path, gt_root: Path) -> None:
 
 
 def _subject_job(args) -> tuple[str, int]:
-    cfg, sid, raw_root, gt_root, overwrite = args
-    return sid, synthesize_subject(cfg, sid, raw_root, gt_root, overwrite)
+    cfg, sid, raw_root, gt_root, overwrite, n_expr = args
+    return sid, synthesize_subject(cfg, sid, raw_root, gt_root, overwrite, n_expr)
 
 
 def synthesize(cfg: SynthConfig, raw_root: str | os.PathLike, gt_root: str | os.PathLike, *,
                workers: int = 1, overwrite: bool = False,
                on_subject: Callable[[str, int], None] | None = None) -> SynthSummary:
-    """Synthesise ``cfg.subjects`` subjects x ``cfg.expressions`` expressions.
+    """Synthesise ``cfg.subjects`` subjects x ``cfg.expressions`` expressions, then
+    ``cfg.neutral_subjects`` further subjects in the neutral expression only.
 
     Parameters
     ----------
@@ -152,8 +154,8 @@ def synthesize(cfg: SynthConfig, raw_root: str | os.PathLike, gt_root: str | os.
     _check_separate(raw_root, gt_root)
     raw.init_root(raw_root)
     gtw.init_gt_root(gt_root)
-    ids = subject_ids(cfg.subjects)
-    jobs = [(cfg, sid, raw_root, gt_root, overwrite) for sid in ids]
+    ids = subject_ids(cfg.subjects + cfg.neutral_subjects)
+    jobs = [(cfg, sid, raw_root, gt_root, overwrite, None if i < cfg.subjects else 1) for i, sid in enumerate(ids)]
     total = 0
     if workers <= 1:
         results = map(_subject_job, jobs)

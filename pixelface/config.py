@@ -42,6 +42,10 @@ class SynthConfig(_Frozen):
 
     subjects: int = Field(8, ge=1, le=100_000, description="Number of synthetic subjects (ids S0000, S0001, ...).")
     expressions: int = Field(6, ge=1, le=22, description="Expressions per subject: the first K of the 22, neutral first.")
+    neutral_subjects: int = Field(0, ge=0, le=100_000,
+                                  description="Further subjects (ids after the first `subjects`) captured in the neutral "
+                                              "expression only: identity data for the shape model, which the paper "
+                                              "builds from many more neutral scans than the expression model's subjects.")
     seed: int = Field(0, ge=0, description="Top-level seed; every random draw derives from it and the ids involved.")
     mesh_vertices: int = Field(150_000, ge=2_000, le=2_000_000,
                                description="Vertex count of the ground-truth face mesh that is scanned.")

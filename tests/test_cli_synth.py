@@ -64,8 +64,23 @@ def test_other_seed_differs(synth_run, tmp_path):
     assert a["S0000/neutral/middle/fringe_f0_n0.png"] != b["S0000/neutral/middle/fringe_f0_n0.png"]
 
 
+def test_neutral_only_subjects_extend_the_ids(synth_run, tmp_path):
+    """`--neutral-subjects`: further ids with the neutral capture only; the first subjects are unchanged."""
+    out = tmp_path / "raw"
+    assert main(["synth", "--out", str(out), "--subjects", "1", "--expressions", "2", "--neutral-subjects", "2",
+                 "--seed", "5", "--quiet", *SMALL]) == 0
+    ds = RawDataset(out)
+    assert ds.subjects() == ["S0000", "S0001", "S0002"]
+    assert ds.samples("S0000") == ["mouth_open", "neutral"]
+    assert ds.samples("S0001") == ["neutral"] and ds.samples("S0002") == ["neutral"]
+    a, b = _digest(out), _digest(synth_run)
+    for rel in ("S0000/neutral/middle/fringe_f0_n0.png", "S0001/neutral/middle/rgb.png"):
+        assert a[rel] == b[rel]  # every draw derives from the seed and the ids, not from the counts
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--steps", "2"], "steps: must be >= 3, got 2"),
+    (["--neutral-subjects", "-1"], "--neutral-subjects must be >= 0"),
     (["--frequencies", "1,8,8"], "frequencies"),
     (["--frequencies", "8,64"], "frequencies"),
     (["--subjects", "0"], "--subjects must be >= 1"),
