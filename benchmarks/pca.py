@@ -20,7 +20,11 @@ the parent's high-water mark through fork/exec):
   time **includes reading and decompressing the Zarr array** (twice);
 * ``sklearn_full``: ``PCA(k, svd_solver="full")`` on the array loaded into memory;
 * ``sklearn_randomized``: ``PCA(k, svd_solver="randomized", random_state=0)`` (sklearn's
-  defaults: 10 oversamples, ``n_iter="auto"`` = 7 power iterations at this size).
+  defaults: 10 oversamples, ``n_iter="auto"`` = 7 power iterations at this size);
+* ``sklearn_randomized_it<N>`` (``--randomized-iters N,M,..``): the same with ``iterated_power=N``,
+  to find what randomized PCA costs **at the accuracy the exact method gives**: the result's
+  ``randomized_matched`` names the fewest tested iterations whose eigenvalues are within 1e-5 of
+  the full SVD's (the exactness target), with its time and ``ours_mixed_over_matched``.
 
 The sklearn times are of ``fit`` only, with the data already in memory (their load time is
 reported separately as ``*_load_s``), which favours them. **Thread policy: every contender uses
@@ -51,6 +55,14 @@ import numpy as np
 from benchmarks._report import format_table
 
 CONTENDERS = ("ours", "ours_mixed", "sklearn_randomized", "sklearn_full")
+_ITERS_PREFIX = "sklearn_randomized_it"
+EXACT_TOL = 1e-5  # issue 7: max relative eigenvalue error against the full SVD
+
+
+def _valid_contender(name: str) -> bool:
+    if name in CONTENDERS:
+        return True
+    return name.startswith(_ITERS_PREFIX) and name[len(_ITERS_PREFIX):].isdigit() and int(name[len(_ITERS_PREFIX):]) > 0
 _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -123,8 +135,11 @@ def _child(which: str, zpath: str, k: int, out: str, threads: str) -> None:
         t0 = time.perf_counter()
         X = zarr.open_array(zpath, mode="r")[:]
         res["load_s"] = time.perf_counter() - t0
-        solver = which.removeprefix("sklearn_")
-        pca = PCA(n_components=k, svd_solver=solver, random_state=0)
+        if which.startswith(_ITERS_PREFIX):
+            pca = PCA(n_components=k, svd_solver="randomized", iterated_power=int(which[len(_ITERS_PREFIX):]),
+                      random_state=0)
+        else:
+            pca = PCA(n_components=k, svd_solver=which.removeprefix("sklearn_"), random_state=0)
         t0, c0 = time.perf_counter(), _cpu_s()
         pca.fit(X)
         res["fit_s"], res["fit_cpu_s"] = time.perf_counter() - t0, _cpu_s() - c0
@@ -202,11 +217,22 @@ def run(rows: int = 6000, cols: int = 90_000, rank: int = 300, k: int = 199, chu
                 res[f"{which}_n_components"] = out[which]["n_components"]
                 res[f"{which}_peak_over_data"] = out[which]["peak_rss_gb"] / desc["data_gb"]
         npz = {w: os.path.join(tmp, f"{w}.npz") for w in contenders}
-        for which, tag in (("ours", ""), ("ours_mixed", "ours_mixed_"), ("sklearn_randomized", "randomized_")):
+        pairs = [("ours", ""), ("ours_mixed", "ours_mixed_"), ("sklearn_randomized", "randomized_")]
+        pairs += [(w, w.removeprefix("sklearn_") + "_") for w in contenders if w.startswith(_ITERS_PREFIX)]
+        for which, tag in pairs:
             if which in out and "sklearn_full" in out:
                 res[f"{tag}max_rel_eigval_err"], res[f"{tag}max_subspace_angle_deg"] = _compare(
                     npz[which], npz["sklearn_full"], k)
                 res[f"{tag or 'ours_'}speedup_vs_full"] = out["sklearn_full"]["fit_s"] / out[which]["fit_s"]
+        matched = sorted((int(w[len(_ITERS_PREFIX):]), w) for w in contenders if w.startswith(_ITERS_PREFIX)
+                         and res.get(w.removeprefix("sklearn_") + "_max_rel_eigval_err", np.inf) <= EXACT_TOL)
+        if matched:
+            it, w = matched[0]
+            res["randomized_matched"] = {"iterated_power": it, "s": out[w]["fit_s"], "cpu_s": out[w]["fit_cpu_s"],
+                                         "max_rel_eigval_err": res[w.removeprefix("sklearn_") + "_max_rel_eigval_err"]}
+            for mine in ("ours", "ours_mixed"):
+                if mine in out:
+                    res[f"{mine}_over_matched"] = out[mine]["fit_s"] / out[w]["fit_s"]
         if "ours" in out and "ours_mixed" in out:
             res["mixed_vs_double_max_rel_eigval_err"], res["mixed_vs_double_max_subspace_angle_deg"] = _compare(
                 npz["ours_mixed"], npz["ours"], k)
@@ -249,7 +275,11 @@ def _table(res: dict) -> str:
             ("randomized_max_rel_eigval_err", ""), ("randomized_max_subspace_angle_deg", "deg"),
             ("ours_peak_rss_gb", "GB"), ("ours_mixed_peak_rss_gb", "GB"), ("sklearn_randomized_peak_rss_gb", "GB"),
             ("sklearn_full_peak_rss_gb", "GB"), ("data_gb", "GB"), ("ours_peak_over_data", ""),
-            ("ours_mixed_peak_over_data", "")]
+            ("ours_mixed_peak_over_data", ""), ("ours_mixed_over_matched", ""), ("ours_over_matched", "")]
+    for key in sorted(k for k in res if k.startswith(_ITERS_PREFIX) and k.endswith("_s") and "load" not in k
+                      and not k.endswith("_cpu_s")):
+        tag = key.removeprefix("sklearn_").removesuffix("_s")
+        rows += [(key, "s"), (f"{tag}_max_rel_eigval_err", ""), (f"{tag}_max_subspace_angle_deg", "deg")]
     return format_table(f"exact PCA, {res['rows']} x {res['cols']} float32, rank {res['rank']} + noise, k = {res['k']}",
                         res, [r for r in rows if r[0] in res])
 
@@ -267,17 +297,22 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", choices=("one", "all"), default="one",
                     help="one: every contender pinned to one core (default); all: every contender uses all cores")
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset of " + ",".join(CONTENDERS))
+    ap.add_argument("--randomized-iters", default="",
+                    help="also run randomized PCA with these iterated_power values (comma-separated), e.g. 15,30")
     ap.add_argument("--zarr-path", default=None, help="reuse an existing Zarr array instead of writing one")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--zarr", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
+        if not _valid_contender(a.child):
+            ap.error(f"unknown contender {a.child!r}")
         _child(a.child, a.zarr, a.k, a.out, a.threads)
         return
     contenders = tuple(c for c in a.contenders.split(",") if c)
-    bad = [c for c in contenders if c not in CONTENDERS]
+    contenders += tuple(f"{_ITERS_PREFIX}{int(i)}" for i in a.randomized_iters.split(",") if i.strip())
+    bad = [c for c in contenders if not _valid_contender(c)]
     if bad:
         ap.error(f"unknown contenders {bad}")
     res = run(a.rows, a.cols, a.rank, a.k, a.chunk_cols, a.noise, a.workdir, a.keep, a.threads, contenders,
