@@ -57,13 +57,13 @@ from benchmarks._report import format_table
 CONTENDERS = ("ours", "ours_mixed", "sklearn_randomized", "sklearn_full")
 _ITERS_PREFIX = "sklearn_randomized_it"
 EXACT_TOL = 1e-5  # issue 7: max relative eigenvalue error against the full SVD
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _valid_contender(name: str) -> bool:
     if name in CONTENDERS:
         return True
     return name.startswith(_ITERS_PREFIX) and name[len(_ITERS_PREFIX):].isdigit() and int(name[len(_ITERS_PREFIX):]) > 0
-_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _peak_rss_gb() -> float:
@@ -311,7 +311,7 @@ def main(argv=None) -> None:
         _child(a.child, a.zarr, a.k, a.out, a.threads)
         return
     contenders = tuple(c for c in a.contenders.split(",") if c)
-    contenders += tuple(f"{_ITERS_PREFIX}{int(i)}" for i in a.randomized_iters.split(",") if i.strip())
+    contenders += tuple(f"{_ITERS_PREFIX}{i.strip()}" for i in a.randomized_iters.split(",") if i.strip())
     bad = [c for c in contenders if not _valid_contender(c)]
     if bad:
         ap.error(f"unknown contenders {bad}")
