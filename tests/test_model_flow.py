@@ -82,6 +82,9 @@ def test_model_from_registrations(built):
     assert (d / "ply" / "shape_00_plus3sd.ply").exists()
     q = card["quality"]
     assert q["shape_generalisation_mm"] > 0 and q["shape_specificity_mm"] > 0
+    from tasks.model import specificity_grid
+    assert q["shape_specificity"]["n_components"] == specificity_grid(m.n_shape)  # 1-2-5 grid, then the largest
+    assert specificity_grid(19) == [1, 2, 5, 10, 19] and specificity_grid(0) == [0]
     # a rerun on the same registrations finds the published model
     s2 = build_model(build=bcfg, model=model_cfg())
     assert s2.reused and s2.model_id == s.model_id
