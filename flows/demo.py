@@ -1,12 +1,12 @@
 """``make demo``: the whole chain on the embedded default dataset.
 
-Synthesise a small dataset (``pixelface/demo.yaml``: 8 subjects x 6 expressions, 640x512
-cameras), build it with the orchestrated pipeline (Prefect flows on a Dask LocalCluster: per
-view decode -> depth -> texture -> per-view mesh -> landmark lifting, then per sample fusion,
-the surface mesh and the registration to the template, into a Zarr + Parquet store), build it
-a second time to show that every stage is cached, build the PCA model, evaluate it (NME /
-ARMSE of the model variants fitted to the eval split), write the HTML report, and print where
-everything is.
+Synthesise a small dataset (``pixelface/demo.yaml``: 8 subjects x 6 expressions plus 16
+subjects in the neutral expression only, 640x512 cameras), build it with the orchestrated
+pipeline (Prefect flows on a Dask LocalCluster: per view decode -> depth -> texture ->
+per-view mesh -> landmark lifting, then per sample fusion, the surface mesh and the
+registration to the template, into a Zarr + Parquet store), build it a second time to show
+that every stage is cached, build the PCA model, evaluate it (NME / ARMSE of the model
+variants fitted to the eval split), write the HTML report, and print where everything is.
 """
 
 from __future__ import annotations
