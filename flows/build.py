@@ -9,10 +9,10 @@
 * :func:`build_dataset` (flow ``build-dataset``) lists the subjects, starts a
   ``LocalCluster`` sized to the machine (or connects to ``dask_address``), and runs
   ``build_subject`` for many subjects concurrently, each as its **own top-level flow run**
-  (tagged ``build-<id>``), so a dataset of thousands of subjects is thousands of small
-  flow runs, never thousands of tasks (nor one wrapper task run per subflow) in one flow run. It
-  updates a progress artifact as subjects finish, compacts the catalog and writes a
-  markdown summary.
+  (tagged ``build-<id>``, all created ``Pending`` before the first one starts), so a dataset
+  of thousands of subjects is thousands of small flow runs, never thousands of tasks (nor one
+  wrapper task run per subflow) in one flow run. It updates a progress artifact as subjects
+  finish, compacts the catalog and writes a markdown summary.
 * :func:`run_build` is the command-line entry: one Prefect API for the whole build
   (:mod:`flows.prefect_env`), then ``build_dataset``.
 
@@ -32,13 +32,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+from distributed import Client as DaskClient
+from distributed import Future as DaskFuture
 from distributed import WorkerPlugin
-from prefect import flow, get_run_logger, tags
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 from prefect.artifacts import update_progress_artifact
-from prefect.context import FlowRunContext, TaskRunContext, get_run_context
+from prefect.context import FlowRunContext, TagsContext, TaskRunContext, get_run_context
 from prefect.futures import wait as wait_futures
 from prefect.states import Failed
+from prefect.utilities.engine import collect_task_run_inputs_sync
 from prefect_dask import DaskTaskRunner
 from prefect_dask.task_runners import PrefectDaskFuture
 from pydantic import BaseModel, ConfigDict
@@ -54,22 +57,82 @@ UNIT: str = "sample"
 views; measured best, ``docs/orchestration.md``) or ``"view"`` (one task per view)."""
 
 class DaskRunner(DaskTaskRunner):
-    """``DaskTaskRunner`` that submits with ``pure=False``.
+    """``DaskTaskRunner`` that submits Prefect tasks with less driver and worker CPU.
 
-    prefect-dask 0.3 submits with Dask's default ``pure=True``, so Dask tokenises (pickles and
-    hashes) every call's arguments, task object included, only to derive a key that is unique
-    anyway (each call carries a fresh task run id): ~45 ms of driver CPU per task. Same body as
-    ``DaskTaskRunner.submit`` otherwise.
+    Same as prefect-dask 0.3's ``PrefectDaskClient.submit`` (task run id, dependencies,
+    serialised run context, ``run_task_sync`` on the worker), except for these, measured by
+    ``benchmarks/pipeline.py`` (``docs/orchestration.md``):
+
+    * ``pure=False``: prefect-dask submits with Dask's default ``pure=True``, so Dask tokenises
+      (pickles and hashes) every call's arguments, task object included, only to derive a key
+      that is unique anyway (each call carries a fresh task run id): ~45 ms of driver CPU per task.
+    * one Dask client per build (:func:`shared_dask_client`), not one per subject flow run:
+      each new client costs a connection and ``add_client`` on the scheduler (~0.1 s of CPU in
+      the driver, where a LocalCluster's scheduler runs);
+    * the settings travel as the ``Settings`` object, not as a dict: Prefect serialises its
+      whole settings model (``SettingsContext.serialize``, ~30 ms) for every task, and the worker
+      re-validates that dict (~45 ms); pickling the object and reusing it costs ~1 ms on each side.
+      Everything else of the context is Prefect's own ``serialize_context``.
     """
+
+    @property
+    def client(self):
+        """The build's shared client for this address (:func:`shared_dask_client`), else prefect-dask's own."""
+        shared = _shared_client.get()
+        if not self._client and shared is not None and self.address == shared[0]:
+            self._client = shared[1]   # not entered in this runner's exit stack: the build closes it
+        return super().client
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):
         if not self._started:
             raise RuntimeError("The task runner must be started before submitting work.")
         parameters = self._optimize_futures(parameters)
         wait_for = self._optimize_futures(wait_for) if wait_for else None
-        future = self.client.submit(task, parameters=parameters, wait_for=wait_for, dependencies=dependencies,
-                                    return_type="state", pure=False)
-        return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
+        task_run_id = uuid.uuid4()
+        deps = {k: collect_task_run_inputs_sync(v, future_cls=DaskFuture) for k, v in parameters.items()}
+        if dependencies:
+            deps = {k: v.union(dependencies.get(k, set())) for k, v in deps.items()}
+        context = _task_context(task, task_run_id, deps)
+        future = DaskClient.submit(self.client, _run_prefect_task, key=f"{task.name}-{task_run_id.hex}", pure=False,
+                                   task=task, task_run_id=task_run_id, parameters=parameters, wait_for=wait_for,
+                                   return_type="state", dependencies=deps, context=context)
+        return PrefectDaskFuture(wrapped_future=future, task_run_id=task_run_id)
+
+
+def _task_context(task, task_run_id, deps) -> dict:
+    """Prefect 3.9's ``serialize_context`` for a task about to be submitted, with the settings as objects.
+
+    Same keys and values as ``prefect.context.serialize_context(asset_ctx_kwargs=...)`` except
+    ``settings_context``, which holds the ``Profile`` and ``Settings`` objects themselves
+    (``SettingsContext(**...)`` on the worker accepts them as they are);
+    ``tests/test_build.py::test_task_context_matches_prefects`` compares the two.
+    """
+    import prefect.context as pc
+
+    engine, task_run, tags_ctx = pc.EngineContext.get(), pc.TaskRunContext.get(), pc.TagsContext.get()
+    settings = pc.SettingsContext.get()
+    deployment_id, deployment_params = pc._deployment_id.get(), pc._deployment_parameters.get()
+    return {
+        "flow_run_context": engine.serialize() if engine else {},
+        "task_run_context": task_run.serialize() if task_run else {},
+        "tags_context": tags_ctx.serialize() if tags_ctx else {},
+        "settings_context": {"profile": settings.profile, "settings": settings.settings} if settings else {},
+        "asset_context": pc.AssetContext.from_task_and_inputs(task=task, task_run_id=task_run_id, task_inputs=deps,
+                                                              copy_to_child_ctx=True).serialize(),
+        "deployment_id": str(deployment_id) if deployment_id else None,
+        "deployment_parameters": deployment_params,
+    }
+
+
+def _run_prefect_task(**kwargs):
+    """What a Dask worker runs for a Prefect task (as prefect-dask's wrapper)."""
+    import asyncio
+
+    from prefect.task_engine import run_task_async, run_task_sync
+
+    if kwargs["task"].isasync:
+        return asyncio.run(run_task_async(**kwargs))
+    return run_task_sync(**kwargs)
 
 
 def limit_kernel_threads(n: int = 1) -> None:
@@ -98,12 +161,22 @@ class KernelThreads(WorkerPlugin):
         limit_kernel_threads(1)
 
 
-def prepare_workers(address: str) -> None:
-    """Register :class:`KernelThreads` with the scheduler at ``address`` (idempotent)."""
-    from distributed import Client
+_shared_client: contextvars.ContextVar[tuple[str, DaskClient] | None] = \
+    contextvars.ContextVar("pixelface_dask_client", default=None)
 
-    with Client(address, timeout=60) as client:
+
+@contextmanager
+def shared_dask_client(address: str) -> Iterator[DaskClient]:
+    """One Dask client for ``address``, used by every :class:`DaskRunner` in this context (the
+    subject flow runs of a build run in threads started with a copy of it). Registers
+    :class:`KernelThreads` with the scheduler (idempotent)."""
+    with DaskClient(address, timeout=60) as client:
         client.register_plugin(KernelThreads())
+        token = _shared_client.set((address, client))
+        try:
+            yield client
+        finally:
+            _shared_client.reset(token)
 
 
 CHAINS: dict[str, Chain] = {"sample": SAMPLE_CHAIN, "view": VIEW_CHAIN}
@@ -213,7 +286,16 @@ def build_subject(subject: str, options: BuildOptions, unit: str | None = None):
     One Prefect task per sample (``unit="sample"``, the default :data:`UNIT`) or per view
     (``unit="view"``); each runs its stages in process and reports one record per stage.
     The flow run ends ``Failed`` (carrying the :class:`SubjectSummary`) when a sample failed.
+
+    Its task runs carry no tags (the flow run keeps the build's): Prefect 3.9 asks the API for
+    tag concurrency slots before every task run that has tags, one database write each, even
+    when no limit exists (``docs/orchestration.md``).
     """
+    with TagsContext(current_tags=set()):
+        return _build_subject(subject, options, unit)
+
+
+def _build_subject(subject: str, options: BuildOptions, unit: str | None):
     t0 = time.perf_counter()
     log = get_run_logger()
     flow_run_id = str(get_run_context().flow_run.id)
@@ -222,7 +304,7 @@ def build_subject(subject: str, options: BuildOptions, unit: str | None = None):
         prepare_store(options.store)
     unit = unit or UNIT
     chain = CHAINS[unit]
-    plan: SubjectPlan = plan_subject(options.raw, subject)
+    plan: SubjectPlan = plan_subject(options.raw, subject, options.store)
     if plan.error:  # the subject itself is unreadable: record why, build nothing of it
         log.error("subject %s not built: %s", subject, plan.error)
         record_subject(options.store, build_id, flow_run_id, plan, [])
@@ -316,11 +398,59 @@ def _top_level(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _run_subject(subject: str, options: BuildOptions, address: str, run_tags: list[str]) -> SubjectSummary:
+def _subject_runner(address: str, heartbeat_s: int | None):
+    """The subject flow bound to the build's cluster, and the Prefect settings its runs use (the heartbeat
+    interval of ``BuildConfig.subject_heartbeat_s``); made once per build: ``Flow.with_options``
+    rebuilds the parameter schema, ~20 ms each."""
+    from prefect.context import SettingsContext
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+    ctx = SettingsContext.get()
+    settings = ctx.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: heartbeat_s})
+    return build_subject.with_options(task_runner=DaskRunner(address=address)), \
+        SettingsContext(profile=ctx.profile, settings=settings)
+
+
+def _create_subject_runs(runner, settings, subjects: list[str], options: BuildOptions,
+                         run_tags: list[str]) -> dict[str, object]:
+    """Create every subject's flow run (``Pending``, named after the subject, with the build's tags) before
+    any of them starts: subject -> ``FlowRun``, or the exception that prevented it.
+
+    Prefect 3.9's server creates a flow run in a deferred SQLite transaction that reads, then
+    writes: when another write commits in between, SQLite refuses the upgrade at once ("database
+    is locked", no busy wait), the API answers 503 and the client retries after ~2 s. Created by
+    their own threads while other subjects were running, most creations took that retry; created
+    one after another before the build starts, they do not collide (``docs/orchestration.md``).
+    About 30 ms each; the dashboard then shows every subject of the build from the start.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.states import Pending
+
+    out: dict[str, object] = {}
+    with settings.model_copy(), get_client(sync_client=True) as client:
+        for subject in subjects:
+            params = runner.serialize_parameters({"subject": subject, "options": options})
+            try:
+                out[subject] = client.create_flow_run(runner, parameters=params, name=subject, tags=run_tags,
+                                                      state=Pending())
+            except Exception as exc:  # the API refused: this subject fails, the others run
+                out[subject] = exc
+    return out
+
+
+def _run_subject(subject: str, options: BuildOptions, runner, settings, flow_run) -> SubjectSummary:
+    from prefect.flow_engine import run_flow
+
     t0 = time.perf_counter()
-    runner = build_subject.with_options(task_runner=DaskRunner(address=address))
-    with tags(*run_tags):
-        state = runner(subject=subject, options=options, return_state=True)
+    try:
+        if isinstance(flow_run, BaseException):
+            raise flow_run
+        with settings.model_copy():
+            state = run_flow(runner, flow_run=flow_run, parameters={"subject": subject, "options": options},
+                             return_type="state")
+    except Exception as exc:  # the flow run could not be created or started
+        return SubjectSummary(subject=subject, errors=[" ".join(f"{type(exc).__name__}: {exc}".split())],
+                              seconds=time.perf_counter() - t0)
     if state.is_completed():
         return state.result()
     exc = state.result(raise_on_failure=False)
@@ -346,16 +476,17 @@ def build_dataset(config: BuildConfig, build_id: str | None = None) -> DatasetSu
                                            description=f"build {build_id}: 0 of {len(subjects)} subjects")
     done: list[SubjectSummary] = []
     notify = _on_subject.get()
-    with dask_cluster(config) as address:
-        prepare_workers(address)
+    with dask_cluster(config) as address, shared_dask_client(address):
         log.info("build %s: %d subjects on Dask %s -> %s", build_id, len(subjects), address, config.store)
         n_workers = config.workers or (os.cpu_count() or 1)
         in_flight = config.max_concurrent_subjects or max(2, 2 * n_workers)
         run_tags = ["pixelface", f"build-{build_id}"]
+        runner, settings = _subject_runner(address, config.subject_heartbeat_s)
+        flow_runs = _create_subject_runs(runner, settings, subjects, options, run_tags)
         with ThreadPoolExecutor(max_workers=min(in_flight, max(1, len(subjects))),
                                 thread_name_prefix="subject") as pool:
-            pending = {pool.submit(contextvars.copy_context().run, _top_level, _run_subject, s, options, address,
-                                   run_tags): s for s in subjects}
+            pending = {pool.submit(contextvars.copy_context().run, _top_level, _run_subject, s, options, runner,
+                                   settings, flow_runs[s]): s for s in subjects}
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:

@@ -121,6 +121,11 @@ class BuildConfig(_Frozen):
     threads_per_worker: int = Field(1, ge=1, le=64, description="Threads per LocalCluster worker.")
     max_concurrent_subjects: int | None = Field(None, ge=1, le=4096,
                                                 description="Subject flow runs in flight (default 2 x workers).")
+    subject_heartbeat_s: int | None = Field(
+        None, ge=30, description="Prefect heartbeat interval of the subject flow runs (seconds; None: none). "
+                                 "The build-dataset run keeps Prefect's own setting. Prefect's flow engine waits "
+                                 "up to 1 s for its heartbeat thread when a flow run ends: ~1 s per subject "
+                                 "(docs/orchestration.md).")
     dask_local_directory: str = Field("work/dask", description="Dask scratch space of a LocalCluster.")
     prefect_home: str = Field("work/prefect", description="PREFECT_HOME when the environment does not set it.")
     stages: StageParams = Field(default_factory=StageParams)

@@ -155,6 +155,52 @@ def task_states(summary) -> dict[str, str]:
     return {t.name: t.state.name for t in runs}
 
 
+def run_tags(summary):
+    """The subject flow runs of a build and the tags of their task runs (through the Prefect API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    ids = [s.flow_run_id for s in summary.subjects]
+    with get_client(sync_client=True) as client:
+        runs = [client.read_flow_run(i) for i in ids]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    return runs, [t.tags for t in tasks]
+
+
+def test_task_context_matches_prefects(harness):
+    """``flows.build._task_context`` is Prefect's ``serialize_context`` with the settings as objects."""
+    import uuid
+
+    from prefect import flow, tags, task
+    from prefect.context import SettingsContext, hydrated_context, serialize_context
+
+    from flows.build import _task_context
+
+    @task
+    def noop(x):
+        return x
+
+    @flow
+    def probe():
+        rid = uuid.uuid4()
+        ours = _task_context(noop, rid, {"x": set()})
+        theirs = serialize_context(asset_ctx_kwargs={"task": noop, "task_run_id": rid, "task_inputs": {"x": set()},
+                                                     "copy_to_child_ctx": True})
+        return ours, theirs
+
+    with tags("t1"):
+        ours, theirs = probe()
+    assert ours.keys() == theirs.keys()
+    assert {k: v for k, v in ours.items() if k != "settings_context"} == \
+        {k: v for k, v in theirs.items() if k != "settings_context"}
+    assert ours["tags_context"]["current_tags"] == {"t1"}
+    assert SettingsContext(**ours["settings_context"]).settings == SettingsContext(**theirs["settings_context"]).settings
+    with hydrated_context(ours):  # what the worker does with it
+        from prefect.settings import get_current_settings
+
+        assert get_current_settings() == SettingsContext(**theirs["settings_context"]).settings
+
+
 def flow_states(summary) -> dict[str, str]:
     from prefect.client.orchestration import get_client
 
@@ -235,6 +281,10 @@ def test_build_then_identical_rebuild_is_all_cached(harness, cluster, raw, tmp_p
     assert not kernel_calls  # no kernel ran
     units = {n: st for n, st in task_states(s2).items() if n.startswith("sample-")}
     assert len(units) == 4 and set(units.values()) == {"Cached"}  # one Prefect task per sample, a cache hit
+    runs, task_tags = run_tags(s2)
+    assert sorted(r.name for r in runs) == ["S0000", "S0001"]  # named after the subject (created up front)
+    assert all({"pixelface", f"build-{s2.build_id}"} <= set(r.tags) for r in runs)
+    assert task_tags and all(t == [] for t in task_tags)  # no tag concurrency lookups per task run
     assert set(outcomes(str(store), s2.build_id).values()) == {"cached"}
     assert write_ids(store) == before  # nothing rewritten
     assert comparable(store) == rows_before  # identical catalog apart from run ids / times / outcome
