@@ -148,12 +148,10 @@ def hash_files(files: Mapping[str, Path]) -> str:
     return h.hexdigest()
 
 
-def raw_view_key(raw_root: Path, subject: str, sample: str, view: str) -> str:
-    """Key of one raw view: a hash of the bytes of its files and of its ``sample.json``.
-
-    Every regular, non-hidden file of the view folder is included, so an unexpected extra
-    file changes the key as well (and the reader then refuses it).
-    """
+def raw_view_files(raw_root: Path, subject: str, sample: str, view: str) -> dict[str, Path]:
+    """The files a raw view's key covers: ``sample.json`` and every regular, non-hidden file of the view
+    folder (an unexpected extra file changes the key as well, and the reader then refuses it); never a
+    symlink that leaves the raw root, nor a FIFO."""
     for v, kind in ((subject, "subject"), (sample, "sample"), (view, "view")):
         check_id(v, kind)
     root = Path(raw_root)
@@ -162,7 +160,6 @@ def raw_view_key(raw_root: Path, subject: str, sample: str, view: str) -> str:
     inside = root.resolve()
     if vdir.is_dir() and not vdir.is_symlink():
         for p in vdir.iterdir():
-            # regular files inside the raw root only: never follow a symlink out of it (nor a FIFO)
             if p.name.startswith("."):
                 continue
             if p.is_symlink():
@@ -173,7 +170,14 @@ def raw_view_key(raw_root: Path, subject: str, sample: str, view: str) -> str:
                     continue
             if p.is_file():
                 files[f"{view}/{p.name}"] = p
-    return hash_files(files)
+    return files
+
+
+def raw_view_key(raw_root: Path, subject: str, sample: str, view: str) -> str:
+    """Key of one raw view: a hash of the bytes of its files (:func:`raw_view_files`) and of its
+    ``sample.json``. :class:`storage.rawkeys.RawKeyMemo` gives the same key without reading unchanged
+    files again."""
+    return hash_files(raw_view_files(raw_root, subject, sample, view))
 
 
 def check_key(key: object, what: str = "key") -> str:

@@ -10,7 +10,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
-from storage.keys import raw_view_key
 from storage.raw import RawDataset, RawFormatError
 from storage.store import open_store
 from tasks.stage import STAGE_RETRIES, STAGE_RETRY_DELAY_S, transient_only
@@ -83,14 +82,20 @@ def list_subjects(raw: str, only: list[str] | None = None) -> list[str]:
 
 @task(name="plan-subject", task_run_name="plan-{subject}", cache_policy=NO_CACHE, persist_result=False,
       retries=STAGE_RETRIES, retry_delay_seconds=STAGE_RETRY_DELAY_S, retry_condition_fn=transient_only)
-def plan_subject(raw: str, subject: str) -> SubjectPlan:
-    """Read ``subject.json`` and every ``sample.json``; a bad sample is planned as failed, not raised."""
+def plan_subject(raw: str, subject: str, store: str | None = None) -> SubjectPlan:
+    """Read ``subject.json`` and every ``sample.json``; a bad sample is planned as failed, not raised.
+
+    The raw view keys come from the store's memo of unchanged files (:mod:`storage.rawkeys`) when
+    ``store`` is given, else from hashing the files."""
+    from storage.rawkeys import RawKeyMemo
+
     ds = RawDataset(Path(raw))
     try:
         meta = ds.subject(subject)
         sample_ids = ds.samples(subject)
     except RawFormatError as exc:
         return SubjectPlan(subject=subject, error=f"{type(exc).__name__}: {exc}")
+    memo = RawKeyMemo(store, raw, subject)
     samples = []
     for sid in sample_ids:
         try:
@@ -100,7 +105,8 @@ def plan_subject(raw: str, subject: str) -> SubjectPlan:
             continue
         samples.append(SamplePlan(sample=sid, views=tuple(sm.views), expression=sm.expression,
                                   category=sm.category, width=sm.width, height=sm.height,
-                                  raw_keys={v: raw_view_key(Path(raw), subject, sid, v) for v in sm.views}))
+                                  raw_keys={v: memo.key(sid, v) for v in sm.views}))
+    memo.save()
     return SubjectPlan(subject=subject, gender=meta.gender, age=meta.age, split=meta.split, samples=tuple(samples))
 
 
