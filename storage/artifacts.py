@@ -409,11 +409,19 @@ class ZarrArtifactStore(ArtifactStore):
         group = zarr.open_group(target, mode="w-", zarr_format=3)
         for name, a in arrays.items():
             shuffle = "bitshuffle" if a.dtype.itemsize == 1 else "shuffle"
-            arr = group.create_array(name, shape=a.shape, dtype=a.dtype,
-                                     chunks=chunk_shape(a.shape, a.dtype.itemsize),
+            chunks = chunk_shape(a.shape, a.dtype.itemsize)
+            # Every chunk is written (no all-fill-value test per chunk), one block of whole chunks
+            # per call: given the whole array, Zarr 3.1 copies each chunk into a fresh fill-value
+            # buffer first. Same arrays, ~40 % less codec-thread CPU (docs/orchestration.md).
+            arr = group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks,
                                      compressors=BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=shuffle),
-                                     fill_value=0)
-            if a.size:
+                                     fill_value=0, config={"write_empty_chunks": True})
+            if not a.size:
+                continue
+            if a.ndim and chunks[0] < a.shape[0]:
+                for i in range(0, a.shape[0], chunks[0]):
+                    arr[i:i + chunks[0]] = a[i:i + chunks[0]]
+            else:
                 arr[...] = a
         # the commit marker, written last
         with self.fs.open(f"{path}/{MANIFEST_NAME}", "w") as f:
