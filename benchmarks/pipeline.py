@@ -6,7 +6,8 @@ Synthesises a dataset (default 4 subjects x 3 samples at full-size views; ``--si
 for a quick look), starts one Prefect API (timed separately: ``api_startup_s``) and runs
 ``build_dataset`` through every stage that exists:
 
-* ``cold_s`` / ``two_worker_s``: fresh store, a 2-worker LocalCluster (already running, the
+* ``cold_s`` / ``two_worker_s``: fresh store, a 2-worker LocalCluster (with a build's Dask settings,
+  ``flows.build.DASK_CONFIG``; already running, the
   pipeline already imported in its workers, as in a long-lived cluster: that one-off import CPU
   is reported as ``worker_warmup_cpu_s_<n>w``, like ``api_startup_s``, and not counted);
 * ``cached_rerun_s``: the same build again (every stage a Prefect cache hit);
@@ -100,7 +101,10 @@ def run(args) -> dict:
 
     flows.build.UNIT = args.unit
 
+    import dask
     from distributed import Client, LocalCluster
+
+    from flows.build import DASK_CONFIG
 
     from pixelface.config import BuildConfig
     from flows.prefect_env import prefect_api
@@ -114,8 +118,9 @@ def run(args) -> dict:
         for n_workers in (2, 1):
             store = work / f"store-{args.size}-{n_workers}w"
             shutil.rmtree(store, ignore_errors=True)
-            with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                              dashboard_address=None, local_directory=str(work / "dask"), env=env) as cluster, \
+            with dask.config.set(DASK_CONFIG), \
+                    LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                 dashboard_address=None, local_directory=str(work / "dask"), env=env) as cluster, \
                     Client(cluster) as client:
                 pids = list(client.run(os.getpid).values())
                 w0 = _proc_cpu(pids)

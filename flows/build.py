@@ -355,14 +355,22 @@ def _build_subject(subject: str, options: BuildOptions, unit: str | None):
     return summary
 
 
-DASK_CONFIG = {"distributed.admin.low-level-log-length": 50}
-"""Dask settings of a build. Every Dask comm keeps its last ``low-level-log-length`` messages
+DASK_CONFIG = {"distributed.admin.low-level-log-length": 50, "distributed.worker.profile.enabled": False}
+"""Dask settings of a build.
+
+Dask's statistical profiler samples every worker thread's stack every 10 ms for the
+dashboard's profile page: ~2 s of CPU per worker in a 75 s build (the workers' event loop
+threads, ``benchmarks/pipeline.py``), taken from the kernels on a busy machine. Off here;
+``py-spy`` does the same from outside when needed.
+
+Every Dask comm keeps its last ``low-level-log-length`` messages
 (default 1000) for debugging, and a ``compute-task`` message carries the pickled Prefect task with
 its whole run context (tens of kB): the LocalCluster's scheduler, which runs in the driver, grew
 by ~0.3 MB per subject until those logs filled (``benchmarks/orchestration_scale.py``). Also
 the scheduler's transition and event logs and the workers' logs. Set for the driver (scheduler
-and clients) and handed to LocalCluster workers; an external scheduler and its workers take it
-from ``DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH=50``."""
+and clients) and handed to LocalCluster workers; an external scheduler and its workers take them
+from ``DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH=50`` and
+``DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False``."""
 
 
 @contextmanager
