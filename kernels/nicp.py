@@ -236,7 +236,8 @@ class NicpIteration:
     stiffness, landmark_weight, max_distance_mm : float
         The step's alpha, beta and rejection distance.
     cost, data_cost, stiffness_cost, landmark_cost : float
-        Energy terms after the solve (normalised frame).
+        Energy terms after the solve (normalised frame); ``cost`` also holds the
+        locality prior's energy when :func:`nicp` has one.
     rejected_fraction : float
         Fraction of template vertices without an accepted correspondence before the solve.
     rejected_distance, rejected_normal, rejected_boundary : int
@@ -792,7 +793,8 @@ def _check_scan(scan_vertices, scan_faces):
 
 
 def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmarks=None,
-         landmark_mask=None, params: NicpParams = NicpParams()) -> NicpResult:
+         landmark_mask=None, params: NicpParams = NicpParams(), prior_weight=None,
+         prior_tangential: bool = False) -> NicpResult:
     """Optimal-step NICP of a (similarity-aligned) template onto a scan surface.
 
     Parameters
@@ -808,6 +810,18 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
     landmark_mask : (106,) bool, optional
         Landmarks to use (default: every finite one).
     params : NicpParams
+    prior_weight : (n,) float64 or float, optional
+        Locality prior (default None: none), dimensionless, >= 0: on every step vertex i
+        is pulled towards its start position ``s_i`` by ``mu_i |p_i - s_i|^2`` with
+        ``mu_i = prior_weight_i * area_i``, the normalisation of the data term (so 1 means
+        "as strong as a scan correspondence"). Meant for a start that already has the
+        subject's identity (a registration of the same subject,
+        :class:`kernels.registration.StartParams`). Its energy is part of the records'
+        ``cost``.
+    prior_tangential : bool
+        With a prior: pull only within the tangent plane of the current template normal,
+        so the data term alone sets the position along the normal (default False: all
+        directions).
 
     Returns
     -------
@@ -816,7 +830,8 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
     Raises
     ------
     ValueError
-        Mismatched hierarchy/parameters, bad shapes, non-finite start vertices.
+        Mismatched hierarchy/parameters, bad shapes, non-finite start vertices, prior
+        weights of the wrong shape, negative or non-finite.
     """
     if not isinstance(prepared, PreparedTemplate):
         raise ValueError(f"prepared: expected a PreparedTemplate, got {type(prepared).__name__}")
@@ -830,6 +845,16 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
     V0 = as_array(start_vertices, "start_vertices", (n, 3), finite=True)
     if not isinstance(scan, ScanSurface):
         raise ValueError(f"scan: expected a ScanSurface, got {type(scan).__name__}")
+    mu_v = None                           # locality prior weights per vertex (None: no prior)
+    if prior_weight is not None:
+        pw = np.asarray(prior_weight, dtype=np.float64)
+        if pw.ndim == 0:
+            pw = np.full(n, float(pw))
+        pw = as_array(pw, "prior_weight", (n,), finite=True)
+        if pw.min() < 0:
+            raise ValueError(f"prior_weight: must be >= 0, got minimum {pw.min():.3g}")
+        mu_v = pw
+    tang = mu_v is not None and bool(prior_tangential)
     t_start = time.perf_counter()
     F = np.asarray(T.faces, dtype=np.int64)
 
@@ -897,6 +922,9 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
             m = min(n, int(params.coarse_data_per_node * lev.n)) if not full else n
             didx = np.arange(n) if m >= n else np.sort(np.random.default_rng(0).choice(n, m, replace=False))
             dw = area[didx] * (n / len(didx))
+            if mu_v is not None:
+                mu = mu_v[didx] * dw / n
+                Sd = to_n(V0)[didx]
             if full:
                 sys_ = _System(params.gamma ** 2 * lev.L, sparse.identity(n, format="csr"), base, didx, BL)
                 X = np.zeros((n, 3))
@@ -913,23 +941,33 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
             w = np.where(ok, dw, 0.0) / n
             Qn = to_n(Q)
             wl = b2 / nL if nL else 0.0
-            A0 = sys_.matrix(a2, w, wl, eps)
             g0 = sys_.H0[didx]
+            A0 = sys_.matrix(a2, w if mu_v is None else w + mu, wl, eps)
             if tau >= 1.0:
                 rhs = sys_.GT @ (w[:, None] * (Qn - g0))
             else:
                 nq = np.einsum("ij,ij->i", Qn - g0, NQ)[:, None] * NQ
                 rhs = sys_.GT @ (w[:, None] * (tau * (Qn - g0) + (1 - tau) * nq))
+            if mu_v is not None:        # the prior: mu |g - S|^2 (tangential: the normal part removed)
+                dS = Sd - g0
+                if tang:
+                    NT = vertex_normals(cur, F)[didx]
+                    dS = dS - np.einsum("ij,ij->i", dS, NT)[:, None] * NT
+                rhs = rhs + sys_.GT @ (mu[:, None] * dS)
             rhs = rhs + eps * X
             if nL:
                 rhs = rhs + wl * (sys_.H.T @ (Yn - sys_.h0))
 
-            if tau >= 1.0:
+            if tau >= 1.0 and not tang:
                 apply_A = A0.__matmul__
             else:
-                def apply_A(Z, A0=A0, w=w, NQ=NQ):
+                def apply_A(Z, A0=A0, w=w, NQ=NQ, tau=tau, tang=tang):
                     GZ = sys_.G @ Z
-                    c = (1 - tau) * w[:, None] * (np.einsum("ij,ij->i", GZ, NQ)[:, None] * NQ - GZ)
+                    c = np.zeros_like(GZ)
+                    if tau < 1.0:
+                        c += (1 - tau) * w[:, None] * (np.einsum("ij,ij->i", GZ, NQ)[:, None] * NQ - GZ)
+                    if tang:
+                        c -= mu[:, None] * np.einsum("ij,ij->i", GZ, NT)[:, None] * NT
                     return A0 @ Z + sys_.GT @ c
             n_cg = 0
             if factor is not None:
@@ -938,7 +976,7 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
                     factor = None
             if factor is None:
                 factor = _Factor(A0)
-                if tau >= 1.0:
+                if tau >= 1.0 and not tang:
                     Xn = factor.solve(rhs)
                 else:
                     Xn, k, _ = _pcg(apply_A, rhs, X, factor.solve, params.pcg_tol, 10 * params.pcg_max_iterations)
@@ -955,6 +993,12 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
                 e_data = float(np.sum(w * (rn ** 2 + tau * (np.sum(r * r, axis=1) - rn ** 2))))
             else:
                 e_data = float(np.sum(w * np.sum(r * r, axis=1)))
+            e_pr = 0.0
+            if mu_v is not None:
+                rp = Pn[didx] - Sd
+                if tang:
+                    rp = rp - np.einsum("ij,ij->i", rp, NT)[:, None] * NT
+                e_pr = float(np.sum(mu * np.sum(rp * rp, axis=1)))
             Xd = X if full else X - np.tile(np.vstack([np.eye(3), np.zeros((1, 3))]), (lev.n, 1))
             e_st = float(a2 * np.sum(Xd * (S_mat @ Xd)))
             lres = np.sum((BL @ Pn - Yn) ** 2, axis=1) if nL else np.zeros(0)
@@ -963,7 +1007,7 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
             acc = int(ok.sum())
             records.append(NicpIteration(
                 si, step.level, it, float(step.stiffness), float(step.landmark_weight), float(step.max_distance_mm),
-                e_data + e_st + e_lm, e_data, e_st, e_lm, float(1.0 - acc / len(didx)), int(bad_d.sum()),
+                e_data + e_st + e_lm + e_pr, e_data, e_st, e_lm, float(1.0 - acc / len(didx)), int(bad_d.sum()),
                 int(bad_n.sum()), int(bad_b.sum()), float(dist[ok].mean()) if acc else float("nan"), lm_rmse, motion,
                 int(n_cg), time.perf_counter() - t0))
             if motion < params.convergence_mm:

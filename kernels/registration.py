@@ -7,18 +7,21 @@ jaw opening angle from the jaw landmarks and a trimmed closest-point term, the t
 posed by it, the similarity refitted on the posed landmarks) + stage 2
 (:func:`kernels.nicp.nicp`: optimal-step NICP with per-part stiffness, Eq. 3, from the
 posed template). The output is the template mesh deformed onto the scan, per-vertex
-distances and validity, per-iteration records and QC metrics. See
-``docs/registration.md``.
+distances and validity, per-iteration records and QC metrics. With ``start_vertices`` (a
+registration of the same subject, e.g. its neutral scan, :class:`StartParams`) it starts
+from that shape instead of the mean face, re-aligns it rigidly at its own scale and pulls
+stage 2 tangentially towards it. See ``docs/registration.md``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from scipy.spatial import cKDTree
 
-from kernels._checks import as_array, as_rng, check_number
+from kernels._checks import as_array, as_rng, check_int, check_number
 from kernels.jaw import JawFit, JawParams, fit_jaw, pose_jaw, transform_rig
 from kernels.meshing import mesh_quality
 from kernels.nicp import (
@@ -26,11 +29,12 @@ from kernels.nicp import (
 )
 from kernels.similarity import (
     Similarity, SimilarityParams, apply_similarity, fit_similarity, landmark_outliers, polish_rigid,
-    refit_similarity,
+    refit_similarity, umeyama,
 )
 from kernels.template import Template
 
-__all__ = ["RegistrationParams", "RegistrationResult", "register", "registration_qc"]
+__all__ = ["DEFAULT_START_PART_PRIOR", "RegistrationParams", "RegistrationResult", "StartParams", "register",
+           "registration_qc"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,98 @@ class RegistrationParams:
         check_number(self.outlier_tolerance_mm, "RegistrationParams.outlier_tolerance_mm", lo=0, lo_open=True)
 
 
+#: Factors on ``StartParams.prior_weight`` per template part (parts not listed: 1): no pull
+#: where expressions slide the skin most (eyes, mouth, chin / jaw), a weak one on the cheeks.
+DEFAULT_START_PART_PRIOR = (("eyes", 0.0), ("mouth", 0.0), ("cheeks", 0.3), ("chin_jaw", 0.0))
+
+
+@dataclass(frozen=True)
+class StartParams:
+    """How :func:`register` uses ``start_vertices`` (a registration of the same subject).
+
+    The defaults are the setting measured in ``docs/registration.md`` ("Starting from the
+    subject's neutral registration").
+
+    Attributes
+    ----------
+    prior_weight : float
+        Dimensionless weight (>= 0) of the pull of every vertex towards its position in the
+        posed start during stage 2, relative to its data weight (default 0.2; 0: no pull,
+        the start only replaces the mean face). See :func:`kernels.nicp.nicp`.
+    tangential : bool
+        Pull only within the tangent plane (default True): the scan alone sets the
+        position along the normal, the prior keeps vertices from sliding.
+    part_prior : tuple of (str, float)
+        Factor (>= 0) on ``prior_weight`` per template part, parts not listed: 1 (default
+        :data:`DEFAULT_START_PART_PRIOR`: eyes 0, mouth 0, cheeks 0.3, chin_jaw 0).
+    landmark_radius_mm : float
+        When > 0, the prior weight of a vertex is scaled by ``1 - exp(-(d / r)^2)``, d the
+        distance (on the posed start) to the nearest used landmark that is more than
+        ``landmark_motion_mm`` away from its scan landmark: no pull where the expression
+        moved the skin (default 10 mm; 0: off).
+    landmark_motion_mm : float
+        Landmark displacement that counts as moved (default 2 mm, > 0).
+    fix_scale : bool
+        After stages 1 / 1b, set the similarity's scale to the start's (same subject, same
+        mm: the scale is known) and re-centre its translation on the landmark inliers
+        (default True).
+    rigid_parts : tuple of str
+        Template parts of a rigid point-to-plane ICP of the posed start onto the scan after
+        that (default forehead and nose: the parts expressions move least); empty: none.
+    rigid_iterations : int
+        Iterations of that ICP (default 10; 0: none).
+    max_shape_rms_mm : float
+        The start, aligned to the template by a least-squares similarity over all
+        vertices, must be within this RMS distance of the template (default 15 mm; the
+        neutral registrations of the test subjects are at 3.5-6.2 mm): else it is taken
+        for another topology or vertex order and rejected.
+    """
+
+    prior_weight: float = 0.2
+    tangential: bool = True
+    part_prior: tuple = DEFAULT_START_PART_PRIOR
+    landmark_radius_mm: float = 10.0
+    landmark_motion_mm: float = 2.0
+    fix_scale: bool = True
+    rigid_parts: tuple = ("forehead", "nose")
+    rigid_iterations: int = 10
+    max_shape_rms_mm: float = 15.0
+
+    def __post_init__(self):
+        check_number(self.prior_weight, "StartParams.prior_weight", lo=0)
+        check_number(self.landmark_radius_mm, "StartParams.landmark_radius_mm", lo=0)
+        check_number(self.landmark_motion_mm, "StartParams.landmark_motion_mm", lo=0, lo_open=True)
+        check_number(self.max_shape_rms_mm, "StartParams.max_shape_rms_mm", lo=0, lo_open=True)
+        check_int(self.rigid_iterations, "StartParams.rigid_iterations", 0)
+        for name in ("tangential", "fix_scale"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"StartParams.{name}: must be a bool, got {getattr(self, name)!r}")
+        try:
+            pp = tuple((a, b) for a, b in self.part_prior)
+        except (TypeError, ValueError):
+            raise ValueError(f"StartParams.part_prior: expected (part name, factor) pairs, "
+                             f"got {self.part_prior!r}") from None
+        for a, b in pp:
+            if not isinstance(a, str):
+                raise ValueError(f"StartParams.part_prior: part names must be strings, got {a!r}")
+            check_number(b, f"StartParams.part_prior[{a!r}]", lo=0)
+        names = [a for a, _ in pp]
+        if len(set(names)) != len(names):
+            raise ValueError(f"StartParams.part_prior: duplicate part names in {names}")
+        object.__setattr__(self, "part_prior", tuple((a, float(b)) for a, b in pp))
+        if isinstance(self.rigid_parts, str) or not all(isinstance(a, str) for a in self.rigid_parts):
+            raise ValueError(f"StartParams.rigid_parts: expected a tuple of part names, got {self.rigid_parts!r}")
+        object.__setattr__(self, "rigid_parts", tuple(self.rigid_parts))
+
+    def check_parts(self, part_names) -> None:
+        """Raise ``ValueError`` when ``part_prior`` or ``rigid_parts`` names a part not in ``part_names``."""
+        known = tuple(part_names)
+        for field_name, names in (("part_prior", [a for a, _ in self.part_prior]), ("rigid_parts", self.rigid_parts)):
+            bad = [a for a in names if a not in known]
+            if bad:
+                raise ValueError(f"StartParams.{field_name}: unknown template parts {bad} (template parts: {known})")
+
+
 @dataclass(frozen=True)
 class RegistrationResult:
     """Outcome of :func:`register` (arrays in template topology).
@@ -99,7 +195,11 @@ class RegistrationResult:
         ``landmark_rmse_mm`` (used landmarks, registered template vs scan),
         ``jaw_angle_deg`` (NaN without a jaw stage, 0 when skipped), ``jaw_s``,
         ``jaw_landmarks``, ``jaw_landmark_rmse_mm``, ``jaw_at_bound``, ``jaw_skipped``
-        (reason, empty when fitted).
+        (reason, empty when fitted), ``start`` (1.0 when registered from
+        ``start_vertices``, else 0.0), ``start_shape_rms_mm`` (RMS distance of the start
+        to the template after a similarity alignment; NaN without a start),
+        ``start_rigid_rmse_mm`` (point-to-plane residual of the rigid re-alignment of the
+        start on ``StartParams.rigid_parts``; NaN without a start or that ICP).
     """
 
     vertices: np.ndarray
@@ -156,8 +256,86 @@ def registration_qc(vertices, faces, reference_vertices, distance_mm, valid) -> 
     }
 
 
+def _start_in_template_frame(T: Template, start_vertices, sp: StartParams):
+    """The start mapped onto the template by the least-squares similarity over all vertices.
+
+    Returns ``(rest, scale, shape_rms_mm)``: the start in the template frame (n, 3) mm,
+    the similarity's scale (start size / template size) and the RMS distance of ``rest``
+    to the template vertices (mm, template frame). Raises ``ValueError`` naming the
+    problem (shape, NaN, coincident vertices, not a registration to this template).
+    """
+    n = T.n_vertices
+    shape = np.shape(start_vertices)
+    if shape != (n, 3):
+        raise ValueError(f"start_vertices: expected shape ({n}, 3) (one row per vertex of the template, "
+                         f"a registration in its topology), got {shape}")
+    Vs = as_array(start_vertices, "start_vertices", (n, 3), finite=True)
+    tv = np.asarray(T.vertices, float)
+    if np.sqrt(np.mean(np.sum((Vs - Vs.mean(axis=0)) ** 2, axis=1))) < 1e-6 * max(1.0, np.abs(Vs).max()):
+        raise ValueError("start_vertices: all vertices coincide")
+    scale, R, t = umeyama(tv, Vs)
+    rest = ((Vs - t) @ R) / scale                       # the start in the template frame
+    rms = float(np.sqrt(np.mean(np.sum((rest - tv) ** 2, axis=1))))
+    if not rms <= sp.max_shape_rms_mm:
+        raise ValueError(f"start_vertices: {rms:.1f} mm RMS from the template after a similarity alignment "
+                         f"(StartParams.max_shape_rms_mm = {sp.max_shape_rms_mm:g}): not a registration to "
+                         f"this template (other topology or vertex order?)")
+    return rest, float(scale), rms
+
+
+def _start_similarity(T: Template, rest, L, usable, sim: Similarity, scale: float, scan: ScanSurface,
+                      sim_params: SimilarityParams, sp: StartParams) -> tuple[Similarity, float]:
+    """Stage 1 of a start of known scale: the start's scale, rigid ICP on ``sp.rigid_parts``.
+
+    ``rest`` is the (jaw-posed) start in the template frame, ``L`` the scan landmarks (mm),
+    ``usable`` the landmark inliers, ``sim`` stages 1 / 1b's similarity, ``scale`` the
+    start's (:func:`_start_in_template_frame`). Returns the similarity posing ``rest`` on
+    the scan and the rigid ICP's point-to-plane RMS residual (mm; NaN when it did not run).
+    """
+    rmse = float("nan")
+    if sp.fix_scale:
+        tl = T.landmark_points(rest)
+        m = usable & sim.inliers if (usable & sim.inliers).sum() >= 3 else usable
+        t = L[m].mean(axis=0) - scale * sim.rotation @ tl[m].mean(axis=0)
+        sim = replace(sim, scale=float(scale), translation=t)
+    if sp.rigid_iterations > 0 and sp.rigid_parts:
+        ids = [T.part_names.index(p) for p in sp.rigid_parts]
+        mask = np.isin(np.asarray(T.parts), ids)
+        if mask.sum() >= 6:
+            Nr = vertex_normals(rest, np.asarray(T.faces, np.int64))
+            _, nq, dq, _ = scan.closest(apply_similarity(sim, rest[mask]))
+            near = dq < 10.0                            # orientation of the scan's normals
+            dots = np.einsum("ij,ij->i", nq, Nr[mask] @ sim.rotation.T)
+            flip = -1.0 if near.any() and np.median(dots[near]) < 0 else 1.0
+
+            def closest(P):
+                q, nq, _, onb = scan.closest(P)
+                return q, flip * nq, ~onb
+
+            sim = polish_rigid(rest[mask], Nr[mask], closest, sim,
+                               replace(sim_params, icp_iterations=sp.rigid_iterations))
+            rmse = float(sim.icp_rmse_mm)
+    return sim, rmse
+
+
+def _prior_weights(T: Template, sp: StartParams, start, L, used) -> np.ndarray:
+    """Per-vertex prior weights (n,) of stage 2: ``prior_weight`` x part factor x landmark fall-off."""
+    fac = dict(sp.part_prior)
+    pf = np.array([fac.get(nm, 1.0) for nm in T.part_names])
+    mu = sp.prior_weight * pf[np.asarray(T.parts, np.int64)]
+    if sp.landmark_radius_mm > 0 and used.any():
+        ls = T.landmark_points(start)
+        moved = used.copy()
+        moved[used] = np.linalg.norm(L[used] - ls[used], axis=1) > sp.landmark_motion_mm
+        if moved.any():
+            d, _ = cKDTree(ls[moved]).query(start)
+            mu = mu * (1.0 - np.exp(-(d / sp.landmark_radius_mm) ** 2))
+    return mu
+
+
 def register(template, scan_vertices, scan_faces, scan_landmarks,
-             params: RegistrationParams = RegistrationParams(), rng=0) -> RegistrationResult:
+             params: RegistrationParams = RegistrationParams(), rng=0, start_vertices=None,
+             start_params: StartParams | None = None) -> RegistrationResult:
     """Register the template to a scan: landmark similarity, then per-part-stiffness NICP.
 
     Parameters
@@ -175,6 +353,17 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
     params : RegistrationParams
     rng : numpy.random.Generator or int or None
         Randomness of stage 1's RANSAC (default seed 0: deterministic).
+    start_vertices : (n, 3) float64, optional
+        Start from this shape instead of the template's mean face (default None): a
+        registration of the same subject (e.g. its neutral scan; mm, any frame, template
+        topology). It is mapped to the template frame by the least-squares similarity over
+        all vertices and goes through stages 1 and 1b as the template would; then the
+        similarity gets the start's scale and a rigid ICP on the forehead and nose
+        (``start_params``), and stage 2 runs with a tangential pull towards the posed start
+        (:class:`StartParams`). Without it the result is the same as before the option
+        existed.
+    start_params : StartParams, optional
+        Only with ``start_vertices`` (default ``StartParams()``).
 
     Returns
     -------
@@ -189,7 +378,10 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
         Naming the problem: a scan without faces, NaN scan vertices, face indices out of
         range, landmarks of the wrong shape, all-NaN landmarks or fewer usable than
         ``params.similarity.min_landmarks``, a template that is neither a Template nor a
-        PreparedTemplate, a PreparedTemplate built with other parameters.
+        PreparedTemplate, a PreparedTemplate built with other parameters;
+        ``start_params`` without ``start_vertices`` or not a StartParams, ``start_vertices``
+        of the wrong shape, non-finite, with coincident vertices or farther than
+        ``max_shape_rms_mm`` from the template, ``start_params`` naming unknown parts.
     """
     t0 = time.perf_counter()
     if not isinstance(params, RegistrationParams):
@@ -210,20 +402,31 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
     L = as_array(scan_landmarks, "scan_landmarks", (T.landmark_faces.shape[0], 3))
     gen = as_rng(rng)
 
+    if start_params is not None and start_vertices is None:
+        raise ValueError("start_params: given without start_vertices")
+    sp = None
+    rest = np.asarray(T.vertices, float)
+    if start_vertices is not None:
+        sp = StartParams() if start_params is None else start_params
+        if not isinstance(sp, StartParams):
+            raise ValueError(f"start_params: expected StartParams, got {type(sp).__name__}")
+        sp.check_parts(T.part_names)
+        rest, start_scale, start_rms = _start_in_template_frame(T, start_vertices, sp)
+
     # stage 1
     t1 = time.perf_counter()
-    tl = T.landmark_points()
+    tl = T.landmark_points(rest)
     sim = fit_similarity(tl, L, params.similarity, gen)
     scan = ScanSurface(V, F)
     if params.similarity.icp_iterations > 0:
         face = np.asarray(T.parts) != 0
-        Nt = vertex_normals(np.asarray(T.vertices, float), np.asarray(T.faces, np.int64))
 
         def closest(P):
             q, nq, _, onb = scan.closest(P)
             return q, nq, ~onb
 
-        sim = polish_rigid(np.asarray(T.vertices)[face], Nt[face], closest, sim, params.similarity)
+        Nt = vertex_normals(rest, np.asarray(T.faces, np.int64))
+        sim = polish_rigid(rest[face], Nt[face], closest, sim, params.similarity)
     finite = np.isfinite(L).all(axis=1)
 
     def outliers(tl_, sim_):
@@ -237,7 +440,6 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
     # stage 1b: the jaw
     t1 = time.perf_counter()
     jaw = None
-    rest = np.asarray(T.vertices, float)
     if params.jaw.enabled and T.jaw is not None:
         rig = T.jaw
         V1 = apply_similarity(sim, rest)
@@ -267,6 +469,10 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
                 sim = refit_similarity(tl, L, sim, params.similarity)
             out = outliers(tl, sim)
     jaw_s = time.perf_counter() - t1
+    if sp is not None:
+        sim, start_rigid_rmse = _start_similarity(T, rest, L, finite & ~out, sim, start_scale, scan,
+                                                  params.similarity, sp)
+        out = outliers(tl, sim)
     start = apply_similarity(sim, rest)
     used = finite & ~out
     n_out = int((out & finite).sum())
@@ -275,7 +481,12 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
     if prepared is None:
         prepared = prepare_template(T, params.nicp)
         prep_s = prepared.prepare_s
-    res = nicp(prepared, start, scan, L, used, params.nicp)
+    if sp is None:
+        res = nicp(prepared, start, scan, L, used, params.nicp)
+    else:
+        mu = _prior_weights(T, sp, start, L, used)
+        res = nicp(prepared, start, scan, L, used, params.nicp,
+                   prior_weight=mu if sp.prior_weight > 0 else None, prior_tangential=sp.tangential)
     qc = registration_qc(res.vertices, T.faces, start, res.distance_mm, res.valid)
     lm_reg = T.landmark_points(res.vertices)
     lm_err = np.linalg.norm(lm_reg[used] - L[used], axis=1)
@@ -293,5 +504,8 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
         "jaw_landmark_rmse_mm": float(jaw.landmark_rmse_mm) if jaw is not None else float("nan"),
         "jaw_at_bound": bool(jaw.at_bound) if jaw is not None else False,
         "jaw_skipped": (jaw.skipped if jaw is not None else ("disabled" if not params.jaw.enabled else "no jaw rig")),
+        "start": 0.0 if sp is None else 1.0,
+        "start_shape_rms_mm": float("nan") if sp is None else start_rms,
+        "start_rigid_rmse_mm": float("nan") if sp is None else start_rigid_rmse,
     })
     return RegistrationResult(res.vertices, res.distance_mm, res.valid, sim, used, res.iterations, qc, jaw)

@@ -19,8 +19,8 @@ from benchmarks.registration import (
 )
 from kernels.jaw import JawParams, pose_jaw
 from kernels.nicp import NicpParams, NicpStep, prepare_template
-from kernels.registration import RegistrationParams, RegistrationResult, register
-from kernels.similarity import SimilarityParams, apply_similarity, fit_similarity
+from kernels.registration import RegistrationParams, RegistrationResult, StartParams, register
+from kernels.similarity import SimilarityParams, apply_similarity, fit_similarity, umeyama
 from kernels.synth.expressions import EXPRESSION_INDEX, jaw_open_deg
 from kernels.synth.face import sample_subject, surface_points
 from kernels.synth.face_params import FaceModelParams
@@ -256,6 +256,140 @@ def test_real_pipeline_scan(template, prepared):
     # at test resolution (320 x 256 views) the fused landmarks are off by ~1.5 mm (median)
     assert ev["corr_mean_mm"] <= 1.2 and ev["corr_p95_mm"] <= 2.5, ev
     assert ev["surface_mm"] <= 0.2 and r.qc["n_flipped"] == 0 and r.qc["n_degenerate"] == 0
+
+
+# -- from the subject's neutral registration ------------------------------------------------
+
+_FROM_NEUTRAL: dict = {}
+
+
+def _from_neutral(template, prepared, sid: int, expression: str):
+    """``expression`` of subject ``sid`` registered from its neutral registration (default StartParams)."""
+    key = (sid, expression)
+    if key not in _FROM_NEUTRAL:
+        sc = _scan(sid, expression)
+        start = _registered(template, prepared, sid, "neutral")[0].vertices
+        r = register(prepared, sc["vertices"], sc["faces"], sc["landmarks"], start_vertices=start)
+        _FROM_NEUTRAL[key] = (r, evaluate(template, r.vertices, sc))
+    return _FROM_NEUTRAL[key]
+
+
+def test_from_neutral_surprise_within_1_5x_of_neutral(template, prepared):
+    """R001's surprise (9 mm brow lift, open jaw): 2.8x the neutral error from the mean face, 1.37x from
+    its neutral registration (the forehead keeps the neutral's identity instead of sliding)."""
+    neutral = _registered(template, prepared, 1, "neutral")[1]["corr_mean_mm"]
+    _, ev_b = _registered(template, prepared, 1, "surprise")
+    r, ev = _from_neutral(template, prepared, 1, "surprise")
+    assert ev_b["corr_mean_mm"] > 1.5 * neutral, (ev_b["corr_mean_mm"], neutral)      # the case is hard
+    assert ev["corr_mean_mm"] <= 1.5 * neutral, (ev["corr_mean_mm"], neutral)
+    assert ev["corr_mean_mm"] <= 0.7 * ev_b["corr_mean_mm"], (ev["corr_mean_mm"], ev_b["corr_mean_mm"])
+    assert ev["corr_p95_mm"] <= ev_b["corr_p95_mm"] and ev["surface_mm"] <= 0.2, (ev, ev_b)
+    assert r.qc["n_flipped"] == 0 and r.qc["n_degenerate"] == 0
+    assert r.qc["start"] == 1.0 and r.qc["start_shape_rms_mm"] < 10.0 and r.qc["start_rigid_rmse_mm"] < 0.5, r.qc
+    start = _registered(template, prepared, 1, "neutral")[0].vertices
+    assert r.similarity.scale == pytest.approx(umeyama(template.vertices, start)[0], rel=1e-9)  # the start's scale
+    assert abs(r.qc["jaw_angle_deg"] - _registered(template, prepared, 1, "surprise")[0].qc["jaw_angle_deg"]) < 3.0
+
+
+def test_from_neutral_grin_improves_but_stays_above_1_5x(template, prepared):
+    """Grin: measured 1.62x -> 1.35x (R000) and 2.36x -> 1.85x (R001) the neutral error; the mouth
+    (cheek lift, open lips) stays the weak part (docs/registration.md)."""
+    base, ours, neutral = [], [], []
+    for sid in range(len(SUBJECTS)):
+        neutral.append(_registered(template, prepared, sid, "neutral")[1]["corr_mean_mm"])
+        base.append(_registered(template, prepared, sid, "grin")[1]["corr_mean_mm"])
+        r, ev = _from_neutral(template, prepared, sid, "grin")
+        ours.append(ev["corr_mean_mm"])
+        assert ev["surface_mm"] <= 0.2 and r.qc["n_flipped"] == 0 and r.qc["n_degenerate"] == 0, (sid, ev)
+        assert ours[-1] <= 0.9 * base[-1], (sid, ours[-1], base[-1])
+    ratio = np.mean(ours) / np.mean(neutral)
+    assert ratio <= 1.7, (ratio, ours, neutral)
+    assert np.mean(ours) <= 0.85 * np.mean(base), (ours, base)
+
+
+def test_default_registration_unchanged_without_a_start(template, prepared):
+    sc = _scan(0, "smile")
+    r0, _ = _registered(template, prepared, 0, "smile")
+    r1 = register(prepared, sc["vertices"], sc["faces"], sc["landmarks"], start_vertices=None)
+    np.testing.assert_array_equal(r0.vertices, r1.vertices)
+    assert r0.qc["start"] == 0.0 and np.isnan(r0.qc["start_shape_rms_mm"]) and np.isnan(r0.qc["start_rigid_rmse_mm"])
+    # the start path with every start-specific step off and the template's own vertices as the start
+    # is the default registration (up to the round-off of the identity alignment)
+    off = StartParams(prior_weight=0.0, fix_scale=False, rigid_iterations=0)
+    r2 = register(prepared, sc["vertices"], sc["faces"], sc["landmarks"], start_vertices=template.vertices,
+                  start_params=off)
+    assert r2.qc["start"] == 1.0 and r2.qc["start_shape_rms_mm"] < 1e-9
+    np.testing.assert_allclose(r2.vertices, r0.vertices, atol=1e-6)
+    # while the default StartParams do change it (the prior and the rigid re-alignment act)
+    r3 = register(prepared, sc["vertices"], sc["faces"], sc["landmarks"], start_vertices=template.vertices)
+    assert np.abs(r3.vertices - r0.vertices).max() > 0.1
+
+
+def test_from_neutral_missing_data_and_wrong_landmarks(template, prepared):
+    start = _registered(template, prepared, 1, "neutral")[0].vertices
+    subj = sample_subject(*SUBJECTS[1])
+    holed = missing_data_scan(subj, "surprise", N_SCAN, rng=SUBJECTS[1][1])
+    r_f, ev_f = _from_neutral(template, prepared, 1, "surprise")
+    r_h = register(prepared, holed["vertices"], holed["faces"], holed["landmarks"], start_vertices=start)
+    ev_h = evaluate(template, r_h.vertices, holed)
+    keep = ev_h["_region"] & ev_f["_region"]
+    hole = ev_f["_region"] & ~ev_h["_region"]
+    assert hole.sum() > 100
+    assert ev_h["_err"][keep].mean() <= 1.2 * ev_f["_err"][keep].mean(), (ev_h["_err"][keep].mean(),
+                                                                           ev_f["_err"][keep].mean())
+    assert r_h.valid[hole].mean() < 0.1 and r_h.qc["n_flipped"] == 0 and r_h.qc["n_degenerate"] == 0
+    # 2 px landmark noise and 5 wrong landmarks (grin of R000, from its neutral registration)
+    start0 = _registered(template, prepared, 0, "neutral")[0].vertices
+    sc = _scan(0, "grin")
+    _, ev0 = _from_neutral(template, prepared, 0, "grin")
+    g = np.random.default_rng(17)
+    L = sc["landmarks"].copy()
+    L[:, :2] += g.normal(0.0, 2.0 * px_to_mm(), (L.shape[0], 2))
+    Lw, idx = wrong_landmarks(L, 5, rng=19)
+    r = register(prepared, sc["vertices"], sc["faces"], Lw, start_vertices=start0)
+    ev = evaluate(template, r.vertices, sc)
+    assert ev["corr_mean_mm"] <= 1.3 * ev0["corr_mean_mm"], (ev["corr_mean_mm"], ev0["corr_mean_mm"])
+    assert not r.landmarks_used[idx].any()
+
+
+def test_bad_start_inputs_raise_naming_the_problem(template, prepared):
+    sc = _scan(0, "smile")
+    V, F, L = sc["vertices"], sc["faces"], sc["landmarks"]
+    start = _registered(template, prepared, 0, "neutral")[0].vertices
+    n = template.n_vertices
+    with pytest.raises(ValueError, match=rf"start_vertices: expected shape \({n}, 3\) \(one row per vertex"):
+        register(prepared, V, F, L, start_vertices=start[:-1])
+    bad = start.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="start_vertices: contains 1 NaN or infinite value"):
+        register(prepared, V, F, L, start_vertices=bad)
+    with pytest.raises(ValueError, match="start_vertices: all vertices coincide"):
+        register(prepared, V, F, L, start_vertices=np.ones((n, 3)))
+    shuffled = start[np.random.default_rng(0).permutation(n)]        # another vertex order
+    with pytest.raises(ValueError, match="start_vertices: .* mm RMS from the template .*not a registration"):
+        register(prepared, V, F, L, start_vertices=shuffled)
+    with pytest.raises(ValueError, match="start_params: given without start_vertices"):
+        register(prepared, V, F, L, start_params=StartParams())
+    with pytest.raises(ValueError, match="start_params: expected StartParams, got dict"):
+        register(prepared, V, F, L, start_vertices=start, start_params={"prior_weight": 0.2})
+    with pytest.raises(ValueError, match=r"StartParams.part_prior: unknown template parts \['lips'\]"):
+        register(prepared, V, F, L, start_vertices=start, start_params=StartParams(part_prior=(("lips", 0.0),)))
+    with pytest.raises(ValueError, match=r"StartParams.rigid_parts: unknown template parts \['scalp'\]"):
+        register(prepared, V, F, L, start_vertices=start, start_params=StartParams(rigid_parts=("scalp",)))
+    with pytest.raises(ValueError, match="StartParams.prior_weight: must be >= 0"):
+        StartParams(prior_weight=-0.1)
+    with pytest.raises(ValueError, match="StartParams.landmark_motion_mm: must be > 0"):
+        StartParams(landmark_motion_mm=0.0)
+    with pytest.raises(ValueError, match="StartParams.rigid_iterations: must be an integer >= 0"):
+        StartParams(rigid_iterations=2.5)
+    with pytest.raises(ValueError, match=r"StartParams.part_prior\['eyes'\]: must be >= 0"):
+        StartParams(part_prior=(("eyes", -1.0),))
+    with pytest.raises(ValueError, match="StartParams.part_prior: duplicate part names"):
+        StartParams(part_prior=(("eyes", 0.0), ("eyes", 1.0)))
+    with pytest.raises(ValueError, match="StartParams.tangential: must be a bool"):
+        StartParams(tangential="yes")
+    with pytest.raises(ValueError, match="StartParams.rigid_parts: expected a tuple of part names"):
+        StartParams(rigid_parts="nose")
 
 
 # -- stage 1 -------------------------------------------------------------------------------
