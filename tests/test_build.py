@@ -461,3 +461,58 @@ def test_chain_unit_shares_arrays_in_memory_and_reuses_per_stage(raw, kernel_cal
                                        view="left"), changed, store=st)
     assert [s.outcome for s in one.stages] == ["cached"] * len(VIEW_STAGES) and not kernel_calls
     assert {s.key for s in one.stages} <= {s.key for s in rec.stages}
+
+
+def test_subject_runs_are_created_in_order_and_503_is_retried_quickly(monkeypatch):
+    """``_create_subject_runs``: one run per subject in order; a 503 (SQLite busy on the server) is
+    retried after tens of ms with Prefect's own 2 s retry off; other errors fail only their subject."""
+    import time as _time
+
+    import httpx
+    import prefect.client.orchestration as po
+    from prefect.context import SettingsContext
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
+
+    import flows.build as fb
+    from pixelface.config import BuildConfig, BuildOptions
+
+    calls, sleeps = [], []
+
+    def status(code):
+        req = httpx.Request("POST", "http://127.0.0.1/api/flow_runs/")
+        return httpx.HTTPStatusError(f"{code}", request=req, response=httpx.Response(code, request=req))
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def create_flow_run(self, flow, parameters, name, tags, state):
+            assert PREFECT_CLIENT_MAX_RETRIES.value() == 0  # our retries, not the client's 2 s ones
+            calls.append(name)
+            if name == "S0001" and calls.count(name) <= 2:
+                raise status(503)
+            if name == "S0002":
+                raise status(422)
+            return f"run-{name}"
+
+    class Runner:
+        def serialize_parameters(self, p):
+            return {"subject": p["subject"]}
+
+    monkeypatch.setattr(po, "get_client", lambda sync_client=True: Client())
+    class Clock:  # flows.build's view of the time module: sleeps recorded, not slept
+        sleep = staticmethod(sleeps.append)
+
+        def __getattr__(self, name):
+            return getattr(_time, name)
+
+    monkeypatch.setattr(fb, "time", Clock())
+    opts = BuildOptions.from_config(BuildConfig(), "b")
+    out = fb._create_subject_runs(Runner(), SettingsContext.get(), ["S0000", "S0001", "S0002", "S0003"], opts, ["t"])
+    assert calls == ["S0000", "S0001", "S0001", "S0001", "S0002", "S0003"]
+    assert sleeps == list(fb.CREATE_RUN_RETRY_S[:2]) and max(sleeps) < 0.1
+    assert out["S0000"] == "run-S0000" and out["S0001"] == "run-S0001" and out["S0003"] == "run-S0003"
+    assert isinstance(out["S0002"], httpx.HTTPStatusError)
