@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict
 from pixelface.config import BuildConfig, BuildOptions, with_template_hash
 from tasks.catalog import (RunRow, SubjectPlan, compact_catalog, list_subjects, plan_subject, prepare_store,
                            record_subject)
-from tasks.stage import Chain, Target, UnitRecord, chain_task, expand, with_store_results
+from tasks.stage import Chain, StageRecord, Target, UnitRecord, chain_task, expand, with_store_results
 from tasks.view_stages import SAMPLE_CHAIN, VIEW_CHAIN
 
 UNIT: str = "sample"
@@ -241,6 +241,22 @@ def artifact_slug(text: str) -> str:
     return f"{base}-{hashlib.blake2b(text.encode(), digest_size=3).hexdigest()}"
 
 
+def _target(options: BuildOptions, subject: str, s, view: str | None = None) -> Target:
+    return Target(raw=options.raw, store=options.store, subject=subject, sample=s.sample, views=s.views,
+                  raw_keys=s.raw_keys, view=view)
+
+
+def _neutral_start(state, log, subject: str) -> dict[str, StageRecord] | None:
+    """``{"start": record}`` of the neutral unit's registration, or ``None`` (then from the template)."""
+    rec = state.result(raise_on_failure=False)
+    reg = next((r for r in rec.stages if r.stage == "registration"), None) if isinstance(rec, UnitRecord) else None
+    if reg is None or not reg.ok:
+        log.warning("subject %s: the neutral sample has no registration: every sample registered from the "
+                    "template", subject)
+        return None
+    return {"start": reg}
+
+
 def _rows(chain: Chain, target: Target, params, state) -> list[RunRow]:
     """One ``stage_runs`` row per stage of a finished unit (``Cached``: every stage ``cached``)."""
     rec = state.result(raise_on_failure=False)
@@ -313,14 +329,28 @@ def _build_subject(subject: str, options: BuildOptions, unit: str | None):
         return Failed(message=f"subject {subject}: {plan.error}", data=summary)
     unit_task = with_store_results(UNIT_TASKS[unit], options.store)
     submitted = []
+    samples = [s for s in plan.samples if not s.error]
     for s in plan.samples:
         if s.error:
             log.error("sample %s/%s not built: %s", subject, s.sample, s.error)
-            continue
-        base = dict(raw=options.raw, store=options.store, subject=subject, sample=s.sample, views=s.views,
-                    raw_keys=s.raw_keys)
-        for target in ([Target(**base)] if unit == "sample" else [Target(**base, view=v) for v in s.views]):
-            submitted.append((target, unit_task.submit(target, options.stages)))
+    upstream = None
+    if options.register_from_neutral and unit == "sample":
+        neutral = next((s for s in samples if s.expression == options.neutral_expression), None)
+        if neutral is None:
+            log.warning("subject %s: no %r sample: every sample registered from the template", subject,
+                        options.neutral_expression)
+        else:  # the neutral sample first; its registration is where the others' start
+            samples.remove(neutral)
+            target = _target(options, subject, neutral)
+            fut = unit_task.submit(target, options.stages)
+            submitted.append((target, fut))
+            fut.wait()
+            upstream = _neutral_start(fut.state, log, subject)
+    for s in samples:
+        for target in ([_target(options, subject, s)] if unit == "sample"
+                       else [_target(options, subject, s, v) for v in s.views]):
+            submitted.append((target, unit_task.submit(target, options.stages, upstream)
+                              if upstream else unit_task.submit(target, options.stages)))
     wait_futures([f for _, f in submitted])
     rows, cpu = [], [0, 0.0, 0.0, 0.0]
     for target, fut in submitted:

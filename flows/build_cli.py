@@ -27,6 +27,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML/TOML/JSON file with a `build:` section")
     p.add_argument("--prefect-home", dest="prefect_home", type=Path,
                    help="PREFECT_HOME when the environment does not set it (default work/prefect)")
+    p.add_argument("--register-from-neutral", dest="register_from_neutral", action="store_true", default=None,
+                   help="register each expression from the subject's neutral registration "
+                        "(docs/registration.md; default: from the template)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -37,7 +40,8 @@ def build_config_from_args(args: argparse.Namespace):
 
     data: dict = {}
     for attr, key in (("raw", "raw"), ("store", "store"), ("subjects", "subjects"), ("dask_address", "dask_address"),
-                      ("workers", "workers"), ("prefect_home", "prefect_home")):
+                      ("workers", "workers"), ("prefect_home", "prefect_home"),
+                      ("register_from_neutral", "register_from_neutral")):
         v = getattr(args, attr, None)
         if v is not None:
             data[key] = str(v) if isinstance(v, Path) else v

@@ -440,6 +440,9 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
     # stage 1b: the jaw
     t1 = time.perf_counter()
     jaw = None
+    # orientation reference of the flip count: the template, posed as the start is (with a start
+    # the posed start itself may fold a few triangles where the jaw rig meets its shape)
+    ref_rest = np.asarray(T.vertices, float)
     if params.jaw.enabled and T.jaw is not None:
         rig = T.jaw
         V1 = apply_similarity(sim, rest)
@@ -464,6 +467,8 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
             # the posed template (the similarity preserves angles: posing in the template frame
             # about the template's hinge is the same), the similarity refitted on its landmarks
             rest = pose_jaw(rest, rig.weights, rig.pivot, rig.axis, jaw.angle_deg)
+            if sp is not None:
+                ref_rest = pose_jaw(ref_rest, rig.weights, rig.pivot, rig.axis, jaw.angle_deg)
             tl = T.landmark_points(rest)
             if params.jaw.refit_similarity:
                 sim = refit_similarity(tl, L, sim, params.similarity)
@@ -487,7 +492,8 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
         mu = _prior_weights(T, sp, start, L, used)
         res = nicp(prepared, start, scan, L, used, params.nicp,
                    prior_weight=mu if sp.prior_weight > 0 else None, prior_tangential=sp.tangential)
-    qc = registration_qc(res.vertices, T.faces, start, res.distance_mm, res.valid)
+    qc = registration_qc(res.vertices, T.faces, start if sp is None else apply_similarity(sim, ref_rest),
+                         res.distance_mm, res.valid)
     lm_reg = T.landmark_points(res.vertices)
     lm_err = np.linalg.norm(lm_reg[used] - L[used], axis=1)
     qc.update({

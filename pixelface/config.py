@@ -121,6 +121,11 @@ class BuildConfig(_Frozen):
     threads_per_worker: int = Field(1, ge=1, le=64, description="Threads per LocalCluster worker.")
     max_concurrent_subjects: int | None = Field(None, ge=1, le=4096,
                                                 description="Subject flow runs in flight (default 2 x workers).")
+    register_from_neutral: bool = Field(
+        False, description="Register each expression sample from the same subject's neutral registration "
+                           "(kernels.registration.StartParams; docs/registration.md): the neutral sample runs "
+                           "first, the others then start. Off: every sample from the template's mean face.")
+    neutral_expression: str = Field("neutral", description="Expression name of a subject's neutral sample.")
     subject_heartbeat_s: int | None = Field(
         None, ge=30, description="Prefect heartbeat interval of the subject flow runs (seconds; None: none). "
                                  "The build-dataset run keeps Prefect's own setting. Prefect's flow engine waits "
@@ -151,10 +156,13 @@ class BuildOptions(_Frozen):
     store: str
     build_id: str = ""
     stages: StageParams = Field(default_factory=StageParams)
+    register_from_neutral: bool = False
+    neutral_expression: str = "neutral"
 
     @classmethod
     def from_config(cls, cfg: BuildConfig, build_id: str = "") -> "BuildOptions":
-        return cls(raw=cfg.raw, store=cfg.store, build_id=build_id, stages=cfg.stages)
+        return cls(raw=cfg.raw, store=cfg.store, build_id=build_id, stages=cfg.stages,
+                   register_from_neutral=cfg.register_from_neutral, neutral_expression=cfg.neutral_expression)
 
 
 class ModelConfig(_Frozen):

@@ -33,7 +33,10 @@ Graph (``<stage>/<view>`` = the view-level output of each view of the sample)::
   (n,) float32 mm to the scan, ``valid`` (n,) bool, ``landmarks`` (106, 3) float64 (the
   template's landmarks on the registered mesh). QC: ``mean_distance_mm``, ``p95_distance_mm``,
   ``valid_fraction``, ``n_flipped``, ``n_degenerate``, ``landmark_rmse_mm``, timings, ...
-  The template is built once per worker process (cached by its parameters).
+  The template is built once per worker process (cached by its parameters). With the optional
+  input ``start`` (another sample's registration, given by the subject flow when
+  ``BuildConfig.register_from_neutral`` is set: the subject's neutral scan) the kernel starts
+  from it (``register(start_vertices=...)``, default ``StartParams``), and the key includes it.
 
 Neither stage reads raw files through its key: ``fusion`` reads the raw calibration only for
 the camera centres, and every view's ``decode`` key already hashes the raw view.
@@ -155,13 +158,17 @@ def prepared_template(stage: RegistrationStageParams) -> PreparedTemplate:
 def _registration_load(src: Sources, params):
     m = src.arrays("surface", ["vertices", "faces"])
     f = src.arrays("fusion", ["landmarks"])
-    return dict(vertices=m["vertices"].astype(np.float64), faces=m["faces"], landmarks=f["landmarks"])
+    out = dict(vertices=m["vertices"].astype(np.float64), faces=m["faces"], landmarks=f["landmarks"])
+    if src.has("start"):  # the subject's neutral registration (BuildConfig.register_from_neutral)
+        out["start_vertices"] = src.arrays("start", ["vertices"])["vertices"].astype(np.float64)
+    return out
 
 
-def _registration_kernel(params: RegistrationStageParams | None, vertices, faces, landmarks):
+def _registration_kernel(params: RegistrationStageParams | None, vertices, faces, landmarks, start_vertices=None):
     p = params if params is not None else RegistrationStageParams()
     prep = prepared_template(p)
-    return register(prep, vertices, faces, landmarks, p.registration, rng=p.seed), prep.template
+    return register(prep, vertices, faces, landmarks, p.registration, rng=p.seed,
+                    start_vertices=start_vertices), prep.template
 
 
 def _registration_pack(out):

@@ -37,6 +37,7 @@ Bookkeeping stays **per stage**:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -182,6 +183,10 @@ class Step:
 
     spec: StageSpec
     deps: tuple[str, ...] = ()
+    external: tuple[str, ...] = ()
+    """Optional inputs from other units (a sample-level role, e.g. ``start``: another sample's
+    registration): a node reads one only when the unit's ``upstream`` has it, and its key then
+    includes that input's key."""
 
 
 @dataclass(frozen=True)
@@ -314,6 +319,10 @@ class Sources:
     _node_ids: Mapping[str, tuple]
     reads: list = field(default_factory=list)
 
+    def has(self, role: str) -> bool:
+        """Whether input ``role`` is given (an optional input from another unit, :attr:`Step.external`)."""
+        return role in self._inputs
+
     def arrays(self, role: str, names: list[str]) -> dict[str, np.ndarray]:
         """Arrays of input ``role``: from memory when computed in this unit, else from the store."""
         mem = self._memory.get(self._node_ids.get(role))
@@ -344,6 +353,9 @@ def plan_keys(chain: Chain, target: Target, params: Any, upstream: Mapping[str, 
     keys: dict[tuple, str] = {}
     out = []
     for node in expand(chain, target):
+        extra = tuple((r, (r, None)) for r in node.step.external if r in upstream and node.view is None)
+        if extra:
+            node = dataclasses.replace(node, inputs=node.inputs + extra)
         spec = node.step.spec
         ins = {"raw": _raw_key(target, node.view)} if spec.raw and node.view else {}
         for role, nid in node.inputs:

@@ -117,7 +117,7 @@ VIEW_STEPS = (Step(DECODE), Step(DEPTH, ("decode",)), Step(TEXTURE, ("decode", "
 """Per-view stages in dependency order (fusion, meshing, registration append sample-level steps)."""
 
 SAMPLE_STEPS = (Step(FUSION, ("decode", "texture", "landmarks")), Step(SURFACE, ("fusion",)),
-                Step(REGISTRATION, ("surface", "fusion")))
+                Step(REGISTRATION, ("surface", "fusion"), external=("start",)))
 """Sample-level stages (tasks/sample_stages.py): multi-view fusion, then the CVT surface mesh."""
 
 SAMPLE_CHAIN = Chain("sample", VIEW_STEPS + SAMPLE_STEPS)

@@ -95,3 +95,22 @@ def test_user_template_jaw_file_is_loaded_and_hashed(tmp_path):
     assert params_hash(without) != params_hash(with_jaw)
     with pytest.raises(ValueError, match="jaw file belongs to a user template"):
         load_config(overrides={"build": {"stages": {"registration": {"template": {"jaw": str(files[3])}}}}})
+
+
+def test_register_from_neutral_from_the_command_line_and_config(tmp_path):
+    import argparse
+
+    from flows.build_cli import add_build_arguments, build_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_build_arguments(p)
+    base = ["--raw", str(tmp_path), "--store", str(tmp_path / "s")]
+    assert build_config_from_args(p.parse_args(base)).register_from_neutral is False
+    assert build_config_from_args(p.parse_args(base + ["--register-from-neutral"])).register_from_neutral is True
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("build:\n  register_from_neutral: true\n")
+    cfg = build_config_from_args(p.parse_args(base + ["--config", str(cfg_file)]))
+    assert cfg.register_from_neutral is True  # the flag's absence does not override the file
+    from pixelface.config import BuildOptions
+
+    assert BuildOptions.from_config(cfg).register_from_neutral is True
