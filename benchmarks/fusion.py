@@ -58,7 +58,7 @@ def _pin_one_core() -> int:
     return cpu
 
 
-def build_sample(size: str, seed: int = 5, n_vertices: int | None = None) -> dict:
+def build_sample(size: str, seed: int = 5, n_vertices: int | None = None, expression: str = "neutral") -> dict:
     """Decoded views of one synthetic subject (stored rig, default calibration error) + GT."""
     from kernels.decode import decode_view
     from kernels.depth import depth_image
@@ -71,7 +71,7 @@ def build_sample(size: str, seed: int = 5, n_vertices: int | None = None) -> dic
     W, H = SIZES[size]
     fr = FringeParams()
     nv = n_vertices or (150_000 if size == "full" else 60_000)
-    fm = face_mesh(sample_subject("T001", seed), "neutral", n_vertices=nv)
+    fm = face_mesh(sample_subject("T001", seed), expression, n_vertices=nv)
     sm = SceneMesh(fm.vertices, fm.faces, fm.albedo_ir, fm.albedo_rgb, fm.landmarks)
     true = build_rig(RigParams(width=W, height=H))
     stored = perturb_rig(true, RigParams(width=W, height=H, calib_rot_deg=0.5, calib_trans_mm=1.0), rng=3)
