@@ -349,8 +349,7 @@ def _build_subject(subject: str, options: BuildOptions, unit: str | None):
     for s in samples:
         for target in ([_target(options, subject, s)] if unit == "sample"
                        else [_target(options, subject, s, v) for v in s.views]):
-            submitted.append((target, unit_task.submit(target, options.stages, upstream)
-                              if upstream else unit_task.submit(target, options.stages)))
+            submitted.append((target, unit_task.submit(target, options.stages, upstream)))
     wait_futures([f for _, f in submitted])
     rows, cpu = [], [0, 0.0, 0.0, 0.0]
     for target, fut in submitted:
@@ -506,15 +505,13 @@ def _run_subject(subject: str, options: BuildOptions, runner, settings, flow_run
             state = run_flow(runner, flow_run=flow_run, parameters={"subject": subject, "options": options},
                              return_type="state")
     except Exception as exc:  # the flow run could not be created or started
-        return SubjectSummary(subject=subject, errors=[" ".join(f"{type(exc).__name__}: {exc}".split())],
-                              seconds=time.perf_counter() - t0)
+        return SubjectSummary(subject=subject, errors=[_message(exc, None)], seconds=time.perf_counter() - t0)
     if state.is_completed():
         return state.result()
     exc = state.result(raise_on_failure=False)
     if isinstance(exc, SubjectSummary):  # the flow ran and some samples failed
         return exc
-    msg = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(state.message)
-    return SubjectSummary(subject=subject, errors=[" ".join(msg.split())], seconds=time.perf_counter() - t0)
+    return SubjectSummary(subject=subject, errors=[_message(exc, state)], seconds=time.perf_counter() - t0)
 
 
 @flow(name="build-dataset", persist_result=False, validate_parameters=True)

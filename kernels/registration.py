@@ -283,6 +283,21 @@ def _start_in_template_frame(T: Template, start_vertices, sp: StartParams):
     return rest, float(scale), rms
 
 
+def _oriented_closest(scan: ScanSurface, P, N):
+    """``closest(Q) -> (points, normals, rejected)`` on the scan, with the scan's normals turned to agree
+    with ``N`` (mm frame of the scan) at the points ``P`` (flipped when its winding faces inwards;
+    judged on the points within 10 mm of the scan)."""
+    _, nq, dq, _ = scan.closest(P)
+    near = dq < 10.0
+    flip = -1.0 if near.any() and np.median(np.einsum("ij,ij->i", nq, N)[near]) < 0 else 1.0
+
+    def closest(Q):
+        q, nq_, _, onb = scan.closest(Q)
+        return q, flip * nq_, ~onb
+
+    return closest
+
+
 def _start_similarity(T: Template, rest, L, usable, sim: Similarity, scale: float, scan: ScanSurface,
                       sim_params: SimilarityParams, sp: StartParams) -> tuple[Similarity, float]:
     """Stage 1 of a start of known scale: the start's scale, rigid ICP on ``sp.rigid_parts``.
@@ -303,15 +318,7 @@ def _start_similarity(T: Template, rest, L, usable, sim: Similarity, scale: floa
         mask = np.isin(np.asarray(T.parts), ids)
         if mask.sum() >= 6:
             Nr = vertex_normals(rest, np.asarray(T.faces, np.int64))
-            _, nq, dq, _ = scan.closest(apply_similarity(sim, rest[mask]))
-            near = dq < 10.0                            # orientation of the scan's normals
-            dots = np.einsum("ij,ij->i", nq, Nr[mask] @ sim.rotation.T)
-            flip = -1.0 if near.any() and np.median(dots[near]) < 0 else 1.0
-
-            def closest(P):
-                q, nq, _, onb = scan.closest(P)
-                return q, flip * nq, ~onb
-
+            closest = _oriented_closest(scan, apply_similarity(sim, rest[mask]), Nr[mask] @ sim.rotation.T)
             sim = polish_rigid(rest[mask], Nr[mask], closest, sim,
                                replace(sim_params, icp_iterations=sp.rigid_iterations))
             rmse = float(sim.icp_rmse_mm)
@@ -448,15 +455,8 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
         V1 = apply_similarity(sim, rest)
         Fi = np.asarray(T.faces, np.int64)
         N1 = vertex_normals(V1, Fi)
-        # orientation of the scan's normals (flipped when its winding faces inwards)
         probe = np.random.default_rng(params.jaw.seed).choice(len(V1), min(len(V1), 2000), replace=False)
-        _, nq, dq, _ = scan.closest(V1[probe])
-        near = dq < 10.0
-        flip = -1.0 if near.any() and np.median(np.einsum("ij,ij->i", nq, N1[probe])[near]) < 0 else 1.0
-
-        def closest_jaw(P):
-            q, nq, _, onb = scan.closest(P)
-            return q, flip * nq, ~onb
+        closest_jaw = _oriented_closest(scan, V1[probe], N1[probe])
 
         pivot, axis = transform_rig(rig.pivot, rig.axis, sim.scale, sim.rotation, sim.translation)
         lw = T.landmark_weights(rig.weights)

@@ -144,27 +144,20 @@ def outcomes(summary_store: str, build_id: str) -> dict[tuple, str]:
             for r in t.to_pylist() if r["build_id"] == build_id}
 
 
+def subject_runs(summary):
+    """The subject flow runs of a build and their task runs (through the Prefect API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    ids = [s.flow_run_id for s in summary.subjects]
+    with get_client(sync_client=True) as client:
+        return ([client.read_flow_run(i) for i in ids],
+                client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))))
+
+
 def task_states(summary) -> dict[str, str]:
-    """Task run name -> state name of the subject flow runs of a build (through the Prefect API)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    ids = [s.flow_run_id for s in summary.subjects]
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    return {t.name: t.state.name for t in runs}
-
-
-def run_tags(summary):
-    """The subject flow runs of a build and the tags of their task runs (through the Prefect API)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    ids = [s.flow_run_id for s in summary.subjects]
-    with get_client(sync_client=True) as client:
-        runs = [client.read_flow_run(i) for i in ids]
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    return runs, [t.tags for t in tasks]
+    """Task run name -> state name of the subject flow runs of a build."""
+    return {t.name: t.state.name for t in subject_runs(summary)[1]}
 
 
 def test_task_context_matches_prefects(harness):
@@ -281,7 +274,8 @@ def test_build_then_identical_rebuild_is_all_cached(harness, cluster, raw, tmp_p
     assert not kernel_calls  # no kernel ran
     units = {n: st for n, st in task_states(s2).items() if n.startswith("sample-")}
     assert len(units) == 4 and set(units.values()) == {"Cached"}  # one Prefect task per sample, a cache hit
-    runs, task_tags = run_tags(s2)
+    runs, tasks = subject_runs(s2)
+    task_tags = [t.tags for t in tasks]
     assert sorted(r.name for r in runs) == ["S0000", "S0001"]  # named after the subject (created up front)
     assert all({"pixelface", f"build-{s2.build_id}"} <= set(r.tags) for r in runs)
     assert task_tags and all(t == [] for t in task_tags)  # no tag concurrency lookups per task run
