@@ -794,7 +794,7 @@ def _check_scan(scan_vertices, scan_faces):
 
 def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmarks=None,
          landmark_mask=None, params: NicpParams = NicpParams(), prior_weight=None,
-         prior_tangential: bool = False) -> NicpResult:
+         prior_tangential: bool = False, orientation_reference=None) -> NicpResult:
     """Optimal-step NICP of a (similarity-aligned) template onto a scan surface.
 
     Parameters
@@ -822,6 +822,11 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
         With a prior: pull only within the tangent plane of the current template normal,
         so the data term alone sets the position along the normal (default False: all
         directions).
+    orientation_reference : (n, 3) float64, optional
+        Vertices whose triangle orientations the final untangling restores: a triangle of
+        the result whose normal points against its normal here is relaxed (default: the
+        start vertices). Give the template posed like the start when the start may itself
+        fold a few triangles (a registration of another scan, posed by the jaw rig).
 
     Returns
     -------
@@ -843,6 +848,8 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
     T = prepared.template
     n = T.n_vertices
     V0 = as_array(start_vertices, "start_vertices", (n, 3), finite=True)
+    Vref = V0 if orientation_reference is None else as_array(orientation_reference, "orientation_reference",
+                                                             (n, 3), finite=True)
     if not isinstance(scan, ScanSurface):
         raise ValueError(f"scan: expected a ScanSurface, got {type(scan).__name__}")
     mu_v = None                           # locality prior weights per vertex (None: no prior)
@@ -1015,7 +1022,7 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
 
     # safeguard: relax the few triangles that turned over or degenerated (strongly compressed
     # lids and mouth corners with noisy, nearly coincident landmarks)
-    ref_fn = np.cross(V0[F[:, 1]] - V0[F[:, 0]], V0[F[:, 2]] - V0[F[:, 0]])
+    ref_fn = np.cross(Vref[F[:, 1]] - Vref[F[:, 0]], Vref[F[:, 2]] - Vref[F[:, 0]])
     cur, n_rounds, n_moved = _untangle(cur, F, ref_fn, params.min_angle_deg, params.untangle_rounds)
     last = params.schedule[-1]
     Q, NQ, dist, ok, *_ = correspond(cur, np.arange(n), last.max_distance_mm)

@@ -488,12 +488,14 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
         prep_s = prepared.prepare_s
     if sp is None:
         res = nicp(prepared, start, scan, L, used, params.nicp)
+        ref = start
     else:
         mu = _prior_weights(T, sp, start, L, used)
+        ref = apply_similarity(sim, ref_rest)
         res = nicp(prepared, start, scan, L, used, params.nicp,
-                   prior_weight=mu if sp.prior_weight > 0 else None, prior_tangential=sp.tangential)
-    qc = registration_qc(res.vertices, T.faces, start if sp is None else apply_similarity(sim, ref_rest),
-                         res.distance_mm, res.valid)
+                   prior_weight=mu if sp.prior_weight > 0 else None, prior_tangential=sp.tangential,
+                   orientation_reference=ref)
+    qc = registration_qc(res.vertices, T.faces, ref, res.distance_mm, res.valid)
     lm_reg = T.landmark_points(res.vertices)
     lm_err = np.linalg.norm(lm_reg[used] - L[used], axis=1)
     qc.update({

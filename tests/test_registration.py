@@ -307,6 +307,40 @@ def test_from_neutral_grin_improves_but_stays_above_1_5x(template, prepared):
     assert np.mean(ours) <= 0.85 * np.mean(base), (ours, base)
 
 
+def test_untangling_restores_the_orientation_reference(template, prepared):
+    """A start with folded triangles (a registration of another scan, posed): the NICP's final
+    untangling restores the orientation of ``orientation_reference``; by default (the start's own
+    orientation) the fold is kept as the rest shape."""
+    from kernels.nicp import ScanSurface, nicp
+    from kernels.registration import registration_qc
+
+    r0, _ = _registered(template, prepared, 0, "neutral")
+    sc = _scan(0, "neutral")
+    V, F = r0.vertices.copy(), np.asarray(template.faces)
+    # fold: push a cheek vertex through its 1-ring (3x the mean edge length, tangentially)
+    parts = np.asarray(template.parts)
+    cheek = np.flatnonzero(parts == list(template.part_names).index("cheeks"))
+    i = int(cheek[len(cheek) // 2])
+    ring = np.unique(F[(F == i).any(axis=1)])
+    ring = ring[ring != i]
+    e = np.linalg.norm(V[ring] - V[i], axis=1).mean()
+    d = V[ring[0]] - V[i]
+    V[i] += 3.0 * e * d / np.linalg.norm(d)
+    ref = apply_similarity(r0.similarity, template.vertices)
+    folded = registration_qc(V, F, ref, np.zeros(len(V)), np.ones(len(V), bool))["n_flipped"]
+    assert folded >= 2
+    surf = ScanSurface(sc["vertices"], sc["faces"])
+    kept = nicp(prepared, V, surf, sc["landmarks"], params=RegistrationParams().nicp)
+    fixed = nicp(prepared, V, surf, sc["landmarks"], params=RegistrationParams().nicp, orientation_reference=ref)
+    q_kept = registration_qc(kept.vertices, F, ref, kept.distance_mm, kept.valid)
+    q_fixed = registration_qc(fixed.vertices, F, ref, fixed.distance_mm, fixed.valid)
+    assert q_kept["n_flipped"] >= 1, q_kept
+    assert q_fixed["n_flipped"] == 0 and q_fixed["n_degenerate"] == 0 and fixed.untangled_vertices > 0, q_fixed
+    assert q_fixed["mean_distance_mm"] <= 0.2
+    with pytest.raises(ValueError, match=r"orientation_reference: expected shape"):
+        nicp(prepared, V, surf, sc["landmarks"], params=RegistrationParams().nicp, orientation_reference=ref[:-1])
+
+
 def test_default_registration_unchanged_without_a_start(template, prepared):
     sc = _scan(0, "smile")
     r0, _ = _registered(template, prepared, 0, "smile")
