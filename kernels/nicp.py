@@ -158,9 +158,18 @@ class NicpParams:
         After the schedule, triangles that turned over (normal more than 90 degrees from
         the stage-1 template's) or whose smallest angle is below this (default 1 degree,
         the ``degenerate`` threshold of :func:`kernels.meshing.mesh_quality`) are repaired
-        by Laplacian relaxation of their vertices and 1-ring.
+        by Laplacian relaxation of their vertices (and, after ``untangle_ring_after``
+        rounds, their 1-ring).
     untangle_rounds : int
         Maximum relaxation rounds (default 50; 0 disables the repair).
+    untangle_step : float
+        Fraction of the way to the neighbours' mean a relaxed vertex moves per round
+        (default 0.5, in (0, 1]): the repair moves the few vertices it needs by as little
+        as it can (a flipped mouth-corner triangle: 3-5 vertices, instead of 12-14 moved
+        all the way with their 1-ring, which took the corner landmarks 2-3.5 mm off).
+    untangle_ring_after : int
+        Rounds after which the 1-ring of the bad triangles' vertices is relaxed too
+        (default 10; 0: from the first round).
     coarse_data_per_node : float
         On a coarse level, the data term uses a fixed random subset of
         ``coarse_data_per_node * level nodes`` template vertices (area weights rescaled;
@@ -184,6 +193,8 @@ class NicpParams:
     coarse_data_per_node: float = 4.0
     min_angle_deg: float = 1.0
     untangle_rounds: int = 50
+    untangle_step: float = 0.5
+    untangle_ring_after: int = 10
 
     def __post_init__(self):
         sched = tuple(self.schedule)
@@ -223,6 +234,8 @@ class NicpParams:
         check_number(self.coarse_data_per_node, "NicpParams.coarse_data_per_node", lo=1.0)
         check_number(self.min_angle_deg, "NicpParams.min_angle_deg", lo=0, hi=30)
         check_int(self.untangle_rounds, "NicpParams.untangle_rounds", 0)
+        check_number(self.untangle_step, "NicpParams.untangle_step", lo=0, lo_open=True, hi=1)
+        check_int(self.untangle_ring_after, "NicpParams.untangle_ring_after", 0)
 
 
 @dataclass(frozen=True)
@@ -743,10 +756,13 @@ def _min_angles_deg(V: np.ndarray, F: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(ang), ang, 0.0).min(axis=1)
 
 
-def _untangle(V: np.ndarray, F: np.ndarray, ref_fn: np.ndarray, min_angle_deg: float, rounds: int):
-    """Laplacian relaxation of the vertices of flipped or degenerate triangles (and their 1-ring).
+def _untangle(V: np.ndarray, F: np.ndarray, ref_fn: np.ndarray, min_angle_deg: float, rounds: int,
+              step: float = 1.0, ring_after: int = 0):
+    """Laplacian relaxation of the vertices of flipped or degenerate triangles.
 
-    Returns the new vertices, the number of rounds run and the number of vertices moved.
+    Each round moves those vertices ``step`` of the way to their neighbours' mean; from
+    round ``ring_after`` on their 1-ring too. Returns the new vertices, the number of
+    rounds run and the number of vertices moved.
     """
     n = len(V)
     E = template_edges(F)
@@ -763,9 +779,10 @@ def _untangle(V: np.ndarray, F: np.ndarray, ref_fn: np.ndarray, min_angle_deg: f
             break
         sel = np.zeros(n, bool)
         sel[F[bad].ravel()] = True
-        sel |= (A @ sel.astype(float)) > 0          # with the 1-ring
+        if r >= ring_after:
+            sel |= (A @ sel.astype(float)) > 0      # with the 1-ring
         idx = np.flatnonzero(sel)
-        V[idx] = (A @ V)[idx] / deg[idx, None]
+        V[idx] += step * ((A @ V)[idx] / deg[idx, None] - V[idx])
         moved |= sel
     else:
         r = rounds
@@ -1023,7 +1040,8 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
     # safeguard: relax the few triangles that turned over or degenerated (strongly compressed
     # lids and mouth corners with noisy, nearly coincident landmarks)
     ref_fn = np.cross(Vref[F[:, 1]] - Vref[F[:, 0]], Vref[F[:, 2]] - Vref[F[:, 0]])
-    cur, n_rounds, n_moved = _untangle(cur, F, ref_fn, params.min_angle_deg, params.untangle_rounds)
+    cur, n_rounds, n_moved = _untangle(cur, F, ref_fn, params.min_angle_deg, params.untangle_rounds,
+                                       params.untangle_step, params.untangle_ring_after)
     last = params.schedule[-1]
     Q, NQ, dist, ok, *_ = correspond(cur, np.arange(n), last.max_distance_mm)
     valid = ok & (dist <= params.valid_distance_mm)
