@@ -10,7 +10,7 @@ Usage::
 Per subject (``benchmarks.registration._subject``: B000, B001, ...), the neutral scan is
 registered from the mean-face template (:func:`kernels.registration.register`, default
 parameters); then every other expression scan twice: **baseline** (from the mean face, as
-the pipeline does today) and **from_neutral** (``start_vertices`` = that neutral
+the paper does; the pipeline with ``--no-register-from-neutral``) and **from_neutral** (``start_vertices`` = that neutral
 registration, default :class:`kernels.registration.StartParams`). Scans and errors as in
 ``benchmarks.registration`` (:func:`~benchmarks.registration.synthetic_scan`,
 :func:`~benchmarks.registration.evaluate`: the correspondence error against the simulator's

@@ -27,9 +27,10 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML/TOML/JSON file with a `build:` section")
     p.add_argument("--prefect-home", dest="prefect_home", type=Path,
                    help="PREFECT_HOME when the environment does not set it (default work/prefect)")
-    p.add_argument("--register-from-neutral", dest="register_from_neutral", action="store_true", default=None,
-                   help="register each expression from the subject's neutral registration "
-                        "(docs/registration.md; default: from the template)")
+    p.add_argument("--register-from-neutral", dest="register_from_neutral", action=argparse.BooleanOptionalAction,
+                   default=None, help="register each expression from the subject's neutral registration "
+                                      "(docs/registration.md; default: on; --no-register-from-neutral: every "
+                                      "sample from the template)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

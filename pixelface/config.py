@@ -122,9 +122,11 @@ class BuildConfig(_Frozen):
     max_concurrent_subjects: int | None = Field(None, ge=1, le=4096,
                                                 description="Subject flow runs in flight (default 2 x workers).")
     register_from_neutral: bool = Field(
-        False, description="Register each expression sample from the same subject's neutral registration "
-                           "(kernels.registration.StartParams; docs/registration.md): the neutral sample runs "
-                           "first, the others then start. Off: every sample from the template's mean face.")
+        True, description="Register each expression sample from the same subject's neutral registration "
+                          "(kernels.registration.StartParams; docs/registration.md): the neutral sample runs "
+                          "first, the others then start; a subject without a (successful) neutral sample is "
+                          "registered from the template. Off: every sample from the template's mean face, "
+                          "as the paper does.")
     neutral_expression: str = Field("neutral", description="Expression name of a subject's neutral sample.")
     subject_heartbeat_s: int | None = Field(
         None, ge=30, description="Prefect heartbeat interval of the subject flow runs (seconds; None: none). "
@@ -156,7 +158,7 @@ class BuildOptions(_Frozen):
     store: str
     build_id: str = ""
     stages: StageParams = Field(default_factory=StageParams)
-    register_from_neutral: bool = False
+    register_from_neutral: bool = True
     neutral_expression: str = "neutral"
 
     @classmethod

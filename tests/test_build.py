@@ -345,7 +345,8 @@ def test_parameter_change_and_deletion_recompute_only_downstream(harness, cluste
     assert kernel_calls == {"texture": n_views, "landmarks": n_views, "fusion": n_samples, "surface": n_samples,
                             "registration": n_samples}
 
-    # delete one artifact: it and its dependants (of that view only) are rebuilt
+    # delete one artifact: it and its dependants (of that view only, plus the other sample's
+    # registration, which starts from the neutral registration) are rebuilt
     st = open_store(store, create=False)
     victim = [r for r in st.artifacts.list(sample="neutral", stage="depth") if r.view == "left"][0]
     old_ids = write_ids(store)
@@ -355,9 +356,9 @@ def test_parameter_change_and_deletion_recompute_only_downstream(harness, cluste
                      stages=stage_params(texture=TextureParams(occlusion_tol_mm=1.5))))
     got = outcomes(str(store), s.build_id)
     for (subj, sample, view, stage), outcome in got.items():
-        hit = sample == "neutral" and view in ("left", None) and stage in DOWNSTREAM["depth"]
+        hit = (sample == "neutral" and view in ("left", None) and stage in DOWNSTREAM["depth"]) or stage == "registration"
         assert outcome == ("computed" if hit else "cached"), (sample, view, stage, outcome)
-    assert kernel_calls == {"depth": 1, "texture": 1, "landmarks": 1, "fusion": 1, "surface": 1, "registration": 1}
+    assert kernel_calls == {"depth": 1, "texture": 1, "landmarks": 1, "fusion": 1, "surface": 1, "registration": 2}
     assert st.artifacts.exists(victim) and write_ids(store)[victim] != old_ids[victim]
 
 
@@ -513,7 +514,7 @@ def test_subject_runs_are_created_in_order_and_503_is_retried_quickly(monkeypatc
 
 
 def test_register_from_neutral_starts_expressions_from_the_neutral_registration(harness, cluster, raw, tmp_path):
-    """``register_from_neutral``: the neutral sample runs first; the other samples' registration reads
+    """``register_from_neutral`` (the default): the neutral sample runs first; the other samples' registration reads
     its registration as input ``start`` (key, catalog, qc), a rebuild is all cached, and without the
     option the same store computes the mean-face registrations under other keys."""
     store = tmp_path / "store"
@@ -533,7 +534,7 @@ def test_register_from_neutral_starts_expressions_from_the_neutral_registration(
             assert qc["n_flipped"] == 0  # counted against the template, as the untangling restores
     s2 = build(config(raw, store, cluster, register_from_neutral=True))
     assert s2.totals()["cached"] == stage_count(4) and s2.totals()["computed"] == 0
-    s3 = build(config(raw, store, cluster))  # the option off: only the expressions' registrations differ
+    s3 = build(config(raw, store, cluster, register_from_neutral=False))  # off: only the expressions' registrations
     assert s3.totals()["computed"] == 2 and s3.totals()["cached"] == stage_count(4) - 2
     refs = [r for r in st.artifacts.list() if r.stage == "registration" and r.sample != "neutral"]
     assert len(refs) == 4  # two subjects x (from neutral, from the template)

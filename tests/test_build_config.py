@@ -105,12 +105,15 @@ def test_register_from_neutral_from_the_command_line_and_config(tmp_path):
     p = argparse.ArgumentParser()
     add_build_arguments(p)
     base = ["--raw", str(tmp_path), "--store", str(tmp_path / "s")]
-    assert build_config_from_args(p.parse_args(base)).register_from_neutral is False
+    assert build_config_from_args(p.parse_args(base)).register_from_neutral is True  # the default
     assert build_config_from_args(p.parse_args(base + ["--register-from-neutral"])).register_from_neutral is True
+    assert build_config_from_args(p.parse_args(base + ["--no-register-from-neutral"])).register_from_neutral is False
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("build:\n  register_from_neutral: true\n")
+    cfg_file.write_text("build:\n  register_from_neutral: false\n")
     cfg = build_config_from_args(p.parse_args(base + ["--config", str(cfg_file)]))
-    assert cfg.register_from_neutral is True  # the flag's absence does not override the file
+    assert cfg.register_from_neutral is False  # the flag's absence does not override the file
     from pixelface.config import BuildOptions
 
-    assert BuildOptions.from_config(cfg).register_from_neutral is True
+    assert BuildOptions.from_config(cfg).register_from_neutral is False
+    cfg = build_config_from_args(p.parse_args(base + ["--config", str(cfg_file), "--register-from-neutral"]))
+    assert BuildOptions.from_config(cfg).register_from_neutral is True  # the flag overrides the file
