@@ -982,8 +982,9 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
                     # iteration has no correspondence the pull is isotropic (the vertex keeps
                     # its start), which also keeps the isotropic factor a good preconditioner
                     NT = vertex_normals(cur, F)[didx]
+                    held = (w > 0)[:, None]     # the scan holds these vertices' normal position
                     mt = np.where(w > 0, mu, 0.0)
-                    dS = dS - (mt > 0)[:, None] * np.einsum("ij,ij->i", dS, NT)[:, None] * NT
+                    dS = dS - held * np.einsum("ij,ij->i", dS, NT)[:, None] * NT
                 rhs = rhs + sys_.GT @ (mu[:, None] * dS)
             rhs = rhs + eps * X
             if nL:
@@ -1028,7 +1029,7 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
             if mu_v is not None:
                 rp = Pn[didx] - Sd
                 if tang:
-                    rp = rp - (mt > 0)[:, None] * np.einsum("ij,ij->i", rp, NT)[:, None] * NT
+                    rp = rp - held * np.einsum("ij,ij->i", rp, NT)[:, None] * NT
                 e_pr = float(np.sum(mu * np.sum(rp * rp, axis=1)))
             Xd = X if full else X - np.tile(np.vstack([np.eye(3), np.zeros((1, 3))]), (lev.n, 1))
             e_st = float(a2 * np.sum(Xd * (S_mat @ Xd)))
