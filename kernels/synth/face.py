@@ -34,7 +34,7 @@ __all__ = [
     "PART_NAMES", "EXPRESSIONS", "Expression", "FaceModelParams", "Subject", "FaceMesh", "N_IDENTITY",
     "K_TOTAL", "FLIP_MAP", "expression_names", "sample_subject", "subject_coefficients", "uv_grid",
     "face_mesh", "surface_points", "identity_basis", "mean_face_mesh", "face_region", "landmark_uv",
-    "part_labels", "IDENTITY_MODES",
+    "part_labels", "IDENTITY_MODES", "skin_detail",
 ]
 
 PART_NAMES: tuple = ("outer", "forehead", "eyes", "nose", "cheeks", "mouth", "chin_jaw")
@@ -74,6 +74,8 @@ class Subject:
         0 (black) .. 1 (blond); eyebrows and hair.
     iris_rgb : (3,) float64
         Iris colour in [0, 1].
+    skin_detail_seed : int
+        Seed of the skin's colour detail (``FaceModelParams.skin_detail``), >= 0.
     """
 
     subject_id: str
@@ -84,6 +86,7 @@ class Subject:
     skin_tone: float
     hair_tone: float = 0.2
     iris_rgb: np.ndarray = None
+    skin_detail_seed: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.subject_id, str) or not self.subject_id:
@@ -107,6 +110,10 @@ class Subject:
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
         object.__setattr__(self, "age", int(self.age))
+        sd = self.skin_detail_seed
+        if isinstance(sd, bool) or not isinstance(sd, (int, np.integer)) or sd < 0:
+            raise ValueError(f"Subject.skin_detail_seed: expected an integer >= 0, got {sd!r}")
+        object.__setattr__(self, "skin_detail_seed", int(sd))
 
 
 def sample_subject(subject_id: str, rng, params: FaceModelParams = FaceModelParams()) -> Subject:
@@ -125,7 +132,8 @@ def sample_subject(subject_id: str, rng, params: FaceModelParams = FaceModelPara
         Gender uniform over {female, male}, age uniform over ``params.age_range``,
         identity N(0, 1) truncated to +-``params.identity_clip``, each expression
         intensity uniform over ``params.intensity_range``, skin and hair tones and
-        iris colour uniform over plausible ranges.
+        iris colour uniform over plausible ranges, a skin-detail seed (drawn last, so
+        the other draws are those of earlier versions).
     """
     g = as_rng(rng)
     gender = "male" if g.random() < 0.5 else "female"
@@ -143,7 +151,8 @@ def sample_subject(subject_id: str, rng, params: FaceModelParams = FaceModelPara
     hair = float(g.beta(1.2, 2.5))
     irises = np.array([[0.30, 0.18, 0.08], [0.20, 0.12, 0.06], [0.30, 0.45, 0.60], [0.35, 0.42, 0.25]])
     iris = irises[int(g.integers(0, len(irises)))] * g.uniform(0.85, 1.15)
-    return Subject(subject_id, gender, age, ident, inten, skin, hair, np.clip(iris, 0, 1))
+    detail_seed = int(g.integers(0, 2 ** 31))
+    return Subject(subject_id, gender, age, ident, inten, skin, hair, np.clip(iris, 0, 1), detail_seed)
 
 
 def subject_coefficients(subject: Subject, params: FaceModelParams = FaceModelParams()) -> np.ndarray:
@@ -549,6 +558,32 @@ _BOX_NOSTRILS = G.xy_box(11.0, -22.0, -15.0)
 _BOX_EYES = G.xy_box(G.EYE_X + 17.0, G.EYE_Y - 12.0, G.EYE_Y + 14.0)
 
 
+def skin_detail(theta_deg, phi_deg, seed: int, params: FaceModelParams = FaceModelParams()) -> np.ndarray:
+    """Relative colour detail of the skin at material points (theta, phi) in degrees.
+
+    A sum of ``params.skin_detail_waves`` plane waves over the arc-length coordinates
+    ``(RF * theta * cos(phi), RF * phi)`` mm (RF the face sphere's radius), directions
+    uniform, wavelengths log-uniform over ``skin_detail_wavelength_mm``, phases uniform,
+    all drawn from ``seed``; scaled to standard deviation ``skin_detail``. Same shape as
+    the inputs; float64.
+    """
+    g = np.random.default_rng(int(seed))
+    k = int(params.skin_detail_waves)
+    ang = g.uniform(0.0, np.pi, k)
+    lo, hi = params.skin_detail_wavelength_mm
+    lam = np.exp(g.uniform(np.log(lo), np.log(hi), k))
+    ph = g.uniform(0.0, 2.0 * np.pi, k)
+    td = np.asarray(theta_deg, float)
+    pd = np.asarray(phi_deg, float)
+    U = G.RF * np.radians(td) * np.cos(np.radians(pd))
+    W = G.RF * np.radians(pd)
+    out = np.zeros(np.broadcast(U, W).shape)
+    kx, ky = 2.0 * np.pi / lam * np.cos(ang), 2.0 * np.pi / lam * np.sin(ang)
+    for j in range(k):
+        out += np.cos(kx[j] * U + ky[j] * W + ph[j])
+    return out * (params.skin_detail * np.sqrt(2.0 / k))
+
+
 def _albedo(dom: G.Domain, Xw, Yw, state, subject: Subject, expression: str, params: FaceModelParams):
     """IR and RGB albedo (float32) in the domain's shape (regions evaluated on their boxes)."""
     tone = subject.skin_tone
@@ -628,4 +663,6 @@ def _albedo(dom: G.Domain, Xw, Yw, state, subject: Subject, expression: str, par
         lash = 0.55 * np.exp(-0.5 * (dm / 0.6) ** 2) * (np.abs(xlw) < G.EYE_W) * (1.0 - fm)
         ir[s] *= 1.0 - lash
         rgb[s] *= 1.0 - lash[..., None]
+    if params.skin_detail > 0:
+        rgb *= 1.0 + skin_detail(dom.td, dom.pd, subject.skin_detail_seed, params)[..., None]
     return np.clip(ir, 0.0, 1.0).astype(np.float32), np.clip(rgb, 0.0, 1.0).astype(np.float32)

@@ -47,6 +47,17 @@ class FaceModelParams:
     skin_ir_range : tuple of float
         IR reflectance of the skin from the lightest (skin_tone 0) to the darkest
         (skin_tone 1) subject (default (0.8, 0.55)).
+    skin_detail : float
+        Standard deviation of the skin's colour detail (freckles, mottling; default 0.08):
+        the RGB albedo is multiplied by ``1 + detail``, a random field drawn per subject
+        (``Subject.skin_detail_seed``) on the material coordinates, so it moves with the
+        skin. 0 disables it. In [0, 0.3]. The IR albedo has none (melanin, which makes
+        the visible detail, absorbs little in the near infrared).
+    skin_detail_wavelength_mm : tuple of float
+        Range of the detail's wavelengths, mm (default (4, 12)); log-uniform.
+    skin_detail_waves : int
+        Plane waves summed into the detail (default 48; random directions, wavelengths
+        and phases).
     """
 
     theta_max_deg: float = 125.0
@@ -64,6 +75,9 @@ class FaceModelParams:
     grin_jaw_deg: float = 9.0
     mouth_cavity_mm: float = 24.0
     skin_ir_range: tuple = (0.8, 0.55)
+    skin_detail: float = 0.08
+    skin_detail_wavelength_mm: tuple = (4.0, 12.0)
+    skin_detail_waves: int = 48
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -83,7 +97,11 @@ class FaceModelParams:
         for name in ("mouth_open_deg", "surprise_jaw_deg", "grin_jaw_deg"):
             _in(self, name, 0.0, 35.0)
         _in(self, "mouth_cavity_mm", 0.0, 40.0)
-        for name in ("age_range", "intensity_range", "skin_ir_range"):
+        _in(self, "skin_detail", 0.0, 0.3)
+        if int(self.skin_detail_waves) != self.skin_detail_waves or not 1 <= self.skin_detail_waves <= 1000:
+            raise ValueError(f"FaceModelParams.skin_detail_waves: expected an integer in [1, 1000], "
+                             f"got {self.skin_detail_waves!r}")
+        for name in ("age_range", "intensity_range", "skin_ir_range", "skin_detail_wavelength_mm"):
             v = getattr(self, name)
             if not isinstance(v, tuple) or len(v) != 2:
                 raise ValueError(f"FaceModelParams.{name}: expected a tuple of 2 numbers, got {v!r}")
@@ -93,6 +111,10 @@ class FaceModelParams:
         lo, hi = self.intensity_range
         if not 0.0 < lo <= hi <= 1.5:
             raise ValueError(f"FaceModelParams.intensity_range: expected 0 < lo <= hi <= 1.5, got {self.intensity_range!r}")
+        lo, hi = self.skin_detail_wavelength_mm
+        if not 0.5 <= lo <= hi <= 100.0:
+            raise ValueError(f"FaceModelParams.skin_detail_wavelength_mm: expected 0.5 <= lo <= hi <= 100, "
+                             f"got {self.skin_detail_wavelength_mm!r}")
         if not all(0.05 <= x <= 1.0 for x in self.skin_ir_range):
             raise ValueError(f"FaceModelParams.skin_ir_range: values must be in [0.05, 1], got {self.skin_ir_range!r}")
 
