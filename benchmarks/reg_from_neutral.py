@@ -9,12 +9,15 @@ Usage::
 
 Per subject (``benchmarks.registration._subject``: B000, B001, ...), the neutral scan is
 registered from the mean-face template (:func:`kernels.registration.register`, default
-parameters); then every other expression scan twice: **baseline** (from the mean face, as
-the paper does; the pipeline with ``--no-register-from-neutral``) and **from_neutral** (``start_vertices`` = that neutral
-registration, default :class:`kernels.registration.StartParams`). Scans and errors as in
-``benchmarks.registration`` (:func:`~benchmarks.registration.synthetic_scan`,
-:func:`~benchmarks.registration.evaluate`: the correspondence error against the simulator's
-dense GT over the observed face region).
+parameters, with its scan texture so that it carries ``detail``); then every other
+expression scan three times: **baseline** (from the mean face, as the paper does; the
+pipeline with ``--no-register-from-neutral``), **from_neutral_geometry** (``start_vertices``
+= that neutral registration, default :class:`kernels.registration.StartParams`, no scan
+texture: stage 2c does not run) and **from_neutral** (the same with the scan's colours and
+the neutral's ``detail``: the photometric stage 2c runs, as in the pipeline). Scans and
+errors as in ``benchmarks.registration`` (:func:`~benchmarks.registration.synthetic_scan`
+with its colours, :func:`~benchmarks.registration.evaluate`: the correspondence error
+against the simulator's dense GT over the observed face region).
 
 The JSON holds ``rows`` (subject, expression, method, ``corr_mm``, ``p95_mm``,
 ``surface_mm``, per-part errors, ``flipped``, ``degenerate``, ``time_s``, the start's QC) and
@@ -46,7 +49,7 @@ from benchmarks.registration import (  # noqa: E402
 
 PARTS = ("forehead", "eyes", "nose", "cheeks", "mouth", "chin_jaw")
 RATIOS = ("grin", "surprise", "cheek_blow", "mouth_open")
-METHODS = ("baseline", "from_neutral")
+METHODS = ("baseline", "from_neutral_geometry", "from_neutral")
 MISSING_CASES = (("smile", 1), ("brow_lower", 2), ("kiss", 0), ("grin", 1), ("surprise", 2))
 LANDMARK_CASES = (("smile", 1), ("eyes_closed", 2), ("mouth_left", 0), ("grin", 1), ("surprise", 2))
 
@@ -56,7 +59,8 @@ def _row(T, r, sc, dt: float) -> dict:
     out = {"corr_mm": ev["corr_mean_mm"], "p95_mm": ev["corr_p95_mm"], "surface_mm": ev["surface_mm"],
            "flipped": int(r.qc["n_flipped"]), "degenerate": int(r.qc["n_degenerate"]), "time_s": dt,
            "jaw_deg": float(r.qc["jaw_angle_deg"]), "start": float(r.qc["start"]),
-           "start_rigid_rmse_mm": float(r.qc["start_rigid_rmse_mm"])}
+           "start_rigid_rmse_mm": float(r.qc["start_rigid_rmse_mm"]), "texture_s": float(r.qc["texture_s"]),
+           "texture_matched_fraction": float(r.qc["texture_matched_fraction"])}
     for p in PARTS:
         out[p] = ev.get(f"corr_{p}_mm")
     return out
@@ -65,6 +69,7 @@ def _row(T, r, sc, dt: float) -> dict:
 def sweep(size: str, n_subjects: int, expressions: list[str]) -> dict:
     """Baseline and from-neutral registrations of ``expressions`` for subjects B000.. (see module doc)."""
     from kernels.nicp import prepare_template
+    from kernels.photometric import ScanTexture
     from kernels.registration import RegistrationParams, StartParams, register
     from kernels.template import default_template
 
@@ -78,7 +83,8 @@ def sweep(size: str, n_subjects: int, expressions: list[str]) -> dict:
         subj = _subject(k)
         sc = synthetic_scan(subj, "neutral", ns, rng=k)
         t0 = time.perf_counter()
-        rn = register(prep, sc["vertices"], sc["faces"], sc["landmarks"], params)
+        rn = register(prep, sc["vertices"], sc["faces"], sc["landmarks"], params,
+                      scan_texture=ScanTexture(sc["vertices"], sc["colours"], params.texture))
         base_n = _row(T, rn, sc, time.perf_counter() - t0)
         for m in METHODS:
             out["rows"].append({"subject": subj.subject_id, "expression": "neutral", "method": m, **base_n})
@@ -88,8 +94,13 @@ def sweep(size: str, n_subjects: int, expressions: list[str]) -> dict:
             sc = synthetic_scan(subj, e, ns, rng=k)
             res = {}
             for m in METHODS:
-                kw = {"start_vertices": rn.vertices} if m == "from_neutral" else {}
                 t0 = time.perf_counter()
+                kw = {}
+                if m != "baseline":
+                    kw["start_vertices"] = rn.vertices
+                if m == "from_neutral":     # the scan texture is built inside the timed span
+                    kw["scan_texture"] = ScanTexture(sc["vertices"], sc["colours"], params.texture)
+                    kw["start_detail"] = rn.detail
                 r = register(prep, sc["vertices"], sc["faces"], sc["landmarks"], params, **kw)
                 res[m] = _row(T, r, sc, time.perf_counter() - t0)
                 out["rows"].append({"subject": subj.subject_id, "expression": e, "method": m, **res[m]})
@@ -116,6 +127,7 @@ def summarise(rows: list[dict]) -> dict:
             "flipped_max": int(max(r["flipped"] for r in rm)),
             "degenerate_max": int(max(r["degenerate"] for r in rm)),
             "time_mean_s": float(np.mean([r["time_s"] for r in non_neutral])) if non_neutral else float("nan"),
+            "texture_s_mean": float(np.mean([r["texture_s"] for r in non_neutral])) if non_neutral else float("nan"),
             "parts_mm": {e: {p: float(np.mean([r[p] for r in rm if r["expression"] == e and r[p] is not None]))
                              for p in PARTS} for e in ("neutral", *RATIOS) if e in per},
         }
@@ -127,8 +139,10 @@ def robustness(size: str) -> dict:
 
     Ratios are against the same expression registered from the same start with complete data /
     clean landmarks; the start is the neutral registration of the complete, clean neutral scan.
+    Every registration has its scan texture (stage 2c runs, as in the pipeline).
     """
     from kernels.nicp import prepare_template
+    from kernels.photometric import ScanTexture
     from kernels.registration import RegistrationParams, register
     from kernels.template import default_template
 
@@ -138,10 +152,14 @@ def robustness(size: str) -> dict:
     prep = prepare_template(T, params.nicp)
     starts: dict = {}
 
+    def tex(sc):
+        return ScanTexture(sc["vertices"], sc["colours"], params.texture)
+
     def start(k):
         if k not in starts:
             sc = synthetic_scan(_subject(k), "neutral", ns, rng=k)
-            starts[k] = register(prep, sc["vertices"], sc["faces"], sc["landmarks"], params).vertices
+            rn = register(prep, sc["vertices"], sc["faces"], sc["landmarks"], params, scan_texture=tex(sc))
+            starts[k] = {"start_vertices": rn.vertices, "start_detail": rn.detail}
         return starts[k]
 
     res = {"missing": [], "landmarks": []}
@@ -149,8 +167,10 @@ def robustness(size: str) -> dict:
         subj = _subject(k)
         full = synthetic_scan(subj, e, ns, rng=k)
         holed = missing_data_scan(subj, e, ns, rng=k)
-        r_f = register(prep, full["vertices"], full["faces"], full["landmarks"], params, start_vertices=start(k))
-        r_h = register(prep, holed["vertices"], holed["faces"], holed["landmarks"], params, start_vertices=start(k))
+        r_f = register(prep, full["vertices"], full["faces"], full["landmarks"], params, scan_texture=tex(full),
+                       **start(k))
+        r_h = register(prep, holed["vertices"], holed["faces"], holed["landmarks"], params, scan_texture=tex(holed),
+                       **start(k))
         ev_f, ev_h = evaluate(T, r_f.vertices, full), evaluate(T, r_h.vertices, holed)
         keep = ev_h["_region"] & ev_f["_region"]
         res["missing"].append({"expression": e, "subject": subj.subject_id,
@@ -160,12 +180,12 @@ def robustness(size: str) -> dict:
     for e, k in LANDMARK_CASES:
         subj = _subject(k)
         sc = synthetic_scan(subj, e, ns, rng=k)
-        r0 = register(prep, sc["vertices"], sc["faces"], sc["landmarks"], params, start_vertices=start(k))
+        r0 = register(prep, sc["vertices"], sc["faces"], sc["landmarks"], params, scan_texture=tex(sc), **start(k))
         g = np.random.default_rng(1000 + k)
         L = sc["landmarks"].copy()
         L[:, :2] += g.normal(0.0, 2.0 * px, (L.shape[0], 2))
         Lw, _ = wrong_landmarks(L, 5, rng=2000 + k)
-        r1 = register(prep, sc["vertices"], sc["faces"], Lw, params, start_vertices=start(k))
+        r1 = register(prep, sc["vertices"], sc["faces"], Lw, params, scan_texture=tex(sc), **start(k))
         e0, e1 = evaluate(T, r0.vertices, sc), evaluate(T, r1.vertices, sc)
         res["landmarks"].append({"expression": e, "subject": subj.subject_id, "clean_mm": e0["corr_mean_mm"],
                                  "noisy_mm": e1["corr_mean_mm"], "ratio": e1["corr_mean_mm"] / e0["corr_mean_mm"],
@@ -176,11 +196,11 @@ def robustness(size: str) -> dict:
 
 
 def _table(summ: dict) -> str:
-    lines = [f"{'method':14s} {'all':>6s} {'neutral':>8s} " + " ".join(f"{e:>10s}" for e in RATIOS)
+    lines = [f"{'method':22s} {'all':>6s} {'neutral':>8s} " + " ".join(f"{e:>10s}" for e in RATIOS)
              + "   ratios " + " ".join(f"{e[:8]:>8s}" for e in RATIOS) + "  time"]
     for m, s in summ.items():
         per, rat = s["per_expression_mm"], s["ratio_to_neutral"]
-        lines.append(f"{m:14s} {s['mean_all_mm']:6.3f} {per['neutral']:8.3f} "
+        lines.append(f"{m:22s} {s['mean_all_mm']:6.3f} {per['neutral']:8.3f} "
                      + " ".join(f"{per[e]:10.3f}" if e in per else f"{'-':>10s}" for e in RATIOS) + "          "
                      + " ".join(f"{rat[e]:8.2f}" if e in rat else f"{'-':>8s}" for e in RATIOS)
                      + f"  {s['time_mean_s']:.2f} s")

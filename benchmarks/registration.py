@@ -20,6 +20,9 @@ cannot decode (iris / pupil and the band between the lips: IR albedo < 0.1 in th
 and mouth parts -- holes like those of a fused mesh), largest component, 0.04 mm Gaussian
 noise. Fused landmarks: the GT landmarks + isotropic Gaussian noise of 0.35 mm median
 (NaN where the landmark is not on the scan).
+Colours: the simulator's RGB albedo (with its skin detail,
+``FaceModelParams.skin_detail``) at the scan vertices, 1 % relative noise; no shading
+(the pipeline scan of ``benchmarks.reg_from_neutral --pipeline`` has it).
 
 Ground truth: template vertex i (material point ``uv_i``) corresponds to
 ``surface_points(subject, expression, uv_i)``. The **correspondence error** is
@@ -51,6 +54,7 @@ from benchmarks._report import format_table  # noqa: E402
 
 OBSERVED_MM = 1.0
 LANDMARK_MEDIAN_MM = 0.35
+COLOUR_NOISE = 0.01  # relative colour noise of a scan vertex (a camera pixel: ~1 % of the signal)
 SIZES = {"full": (20_000, 100_000), "small": (5_000, 40_000)}
 EXAGGERATED = ("grin", "surprise", "cheek_blow")
 
@@ -110,14 +114,18 @@ def _largest_component(F: np.ndarray, n: int) -> np.ndarray:
 
 
 def synthetic_scan(subject, expression: str, scan_vertices: int = 40_000, rng=0, noise_mm: float = 0.04,
-                   landmark_median_mm: float = LANDMARK_MEDIAN_MM, remove_uv_discs=()) -> dict:
+                   landmark_median_mm: float = LANDMARK_MEDIAN_MM, remove_uv_discs=(),
+                   colour_noise: float = COLOUR_NOISE) -> dict:
     """A fused-scan-like open mesh of ``subject`` / ``expression`` (see the module docstring).
 
     ``remove_uv_discs``: extra holes, each ``(theta_rad, phi_rad, radius_mm)`` -- vertices
     within ``radius_mm`` (3D) of the GT surface point at that uv are removed.
 
     Returns a dict: ``vertices``, ``faces``, ``landmarks`` (106, 3) with NaN rows,
-    ``gt_landmarks``, ``subject``, ``expression``, ``uv`` (scan vertices' material points).
+    ``gt_landmarks``, ``subject``, ``expression``, ``uv`` (scan vertices' material points),
+    ``colours`` (the simulator's RGB albedo, skin detail included, times ``1 + N(0,
+    colour_noise)`` per vertex and channel, clipped to [0, 1]; drawn after everything else,
+    so the geometry is that of earlier versions).
     """
     from kernels.synth.face import face_mesh, surface_points
 
@@ -145,8 +153,10 @@ def synthetic_scan(subject, expression: str, scan_vertices: int = 40_000, rng=0,
     L = np.asarray(fm.landmarks, float) + g.normal(0.0, sigma, (106, 3))
     d = _scene(Vs, Fs).compute_distance(__import__("open3d").core.Tensor(fm.landmarks.astype(np.float32))).numpy()
     L[d > OBSERVED_MM] = np.nan
+    C = np.asarray(fm.albedo_rgb, float)[used]
+    C = np.clip(C * (1.0 + g.normal(0.0, colour_noise, C.shape)), 0.0, 1.0)
     return {"vertices": Vs, "faces": Fs, "landmarks": L, "gt_landmarks": np.asarray(fm.landmarks, float),
-            "subject": subject, "expression": expression, "uv": np.asarray(fm.uv)[used]}
+            "subject": subject, "expression": expression, "uv": np.asarray(fm.uv)[used], "colours": C}
 
 
 def evaluate(template, registered: np.ndarray, scan: dict) -> dict:

@@ -811,7 +811,7 @@ def _check_scan(scan_vertices, scan_faces):
 
 def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmarks=None,
          landmark_mask=None, params: NicpParams = NicpParams(), prior_weight=None,
-         prior_tangential: bool = False, orientation_reference=None) -> NicpResult:
+         prior_tangential: bool = False, orientation_reference=None, targets=None) -> NicpResult:
     """Optimal-step NICP of a (similarity-aligned) template onto a scan surface.
 
     Parameters
@@ -847,6 +847,12 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
         the result whose normal points against its normal here is relaxed (default: the
         start vertices). Give the template posed like the start when the start may itself
         fold a few triangles (a registration of another scan, posed by the jaw rig).
+    targets : (n, 3) float64, optional
+        Explicit correspondence targets, mm (NaN rows: none). A vertex with a target is
+        pulled, every iteration, to the scan point closest to its target instead of the
+        scan point closest to itself, and is exempt from the distance rejection (the
+        normal-angle and boundary rejections still apply). Stage 2c of
+        :func:`kernels.registration.register` gives the texture flow's displaced positions.
 
     Returns
     -------
@@ -856,7 +862,8 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
     ------
     ValueError
         Mismatched hierarchy/parameters, bad shapes, non-finite start vertices, prior
-        weights of the wrong shape, negative or non-finite.
+        weights of the wrong shape, negative or non-finite; targets of the wrong shape or
+        infinite.
     """
     if not isinstance(prepared, PreparedTemplate):
         raise ValueError(f"prepared: expected a PreparedTemplate, got {type(prepared).__name__}")
@@ -872,6 +879,17 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
                                                              (n, 3), finite=True)
     if not isinstance(scan, ScanSurface):
         raise ValueError(f"scan: expected a ScanSurface, got {type(scan).__name__}")
+    tgt = tgt_has = tgt_n = tgt_b = None
+    if targets is not None:
+        tgt = as_array(targets, "targets", (n, 3))
+        tgt_has = np.isfinite(tgt).all(axis=1)
+        if np.isinf(tgt).any():
+            raise ValueError("targets: contains infinite values (NaN rows mean no target)")
+        tgt_n = np.zeros((n, 3))
+        tgt_b = np.zeros(n, bool)
+        if tgt_has.any():
+            Qt, tgt_n[tgt_has], _, tgt_b[tgt_has] = scan.closest(tgt[tgt_has])
+            tgt[tgt_has] = Qt
     mu_v = None                           # locality prior weights per vertex (None: no prior)
     if prior_weight is not None:
         pw = np.asarray(prior_weight, dtype=np.float64)
@@ -932,9 +950,14 @@ def nicp(prepared: PreparedTemplate, start_vertices, scan: ScanSurface, landmark
 
     def correspond(P_mm, idx, max_d):
         Q, NQ, dist, onb = scan.closest(P_mm[idx])
+        t = tgt_has[idx] if tgt_has is not None else np.zeros(len(idx), bool)
+        if t.any():                      # explicit targets replace the closest point
+            it_ = idx[t]
+            Q[t], NQ[t], onb[t] = tgt[it_], tgt_n[it_], tgt_b[it_]
+            dist[t] = np.linalg.norm(P_mm[it_] - tgt[it_], axis=1)
         NQ = NQ * flip
         Nt = vertex_normals(P_mm, F)[idx]
-        bad_d = dist > max_d
+        bad_d = (dist > max_d) & ~t
         bad_n = np.einsum("ij,ij->i", NQ, Nt) < cos_max
         bad_b = onb if params.reject_boundary else np.zeros(len(idx), bool)
         ok = ~(bad_d | bad_n | bad_b)

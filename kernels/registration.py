@@ -25,8 +25,9 @@ from kernels._checks import as_array, as_rng, check_int, check_number
 from kernels.jaw import JawFit, JawParams, fit_jaw, pose_jaw, transform_rig
 from kernels.meshing import mesh_quality
 from kernels.nicp import (
-    NicpParams, PreparedTemplate, ScanSurface, _check_scan, _key, nicp, prepare_template, vertex_normals,
+    NicpParams, NicpStep, PreparedTemplate, ScanSurface, _check_scan, _key, nicp, prepare_template, vertex_normals,
 )
+from kernels.photometric import ScanTexture, TextureParams, texture_flow
 from kernels.similarity import (
     Similarity, SimilarityParams, apply_similarity, fit_similarity, landmark_outliers, polish_rigid,
     refit_similarity, umeyama,
@@ -50,6 +51,9 @@ class RegistrationParams:
     jaw : JawParams
         Stage 1b (jaw angle bounds, landmark / surface terms); runs when
         ``jaw.enabled`` and the template has a jaw rig.
+    texture : TextureParams
+        Stage 2c, the photometric refinement (:mod:`kernels.photometric`); runs when
+        ``texture.enabled`` and :func:`register` gets a scan texture and a start's detail.
     drop_landmark_outliers : bool
         Leave landmarks flagged by :func:`kernels.similarity.landmark_outliers` out of the
         NICP landmark term (default True).
@@ -60,6 +64,7 @@ class RegistrationParams:
     similarity: SimilarityParams = field(default_factory=SimilarityParams)
     nicp: NicpParams = field(default_factory=NicpParams)
     jaw: JawParams = field(default_factory=JawParams)
+    texture: TextureParams = field(default_factory=TextureParams)
     drop_landmark_outliers: bool = True
     outlier_tolerance_mm: float = 7.0
 
@@ -71,8 +76,13 @@ class RegistrationParams:
             raise ValueError(f"RegistrationParams.nicp: expected NicpParams, got {type(self.nicp).__name__}")
         if not isinstance(self.jaw, JawParams):
             raise ValueError(f"RegistrationParams.jaw: expected JawParams, got {type(self.jaw).__name__}")
+        if not isinstance(self.texture, TextureParams):
+            raise ValueError(f"RegistrationParams.texture: expected TextureParams, got {type(self.texture).__name__}")
         check_number(self.outlier_tolerance_mm, "RegistrationParams.outlier_tolerance_mm", lo=0, lo_open=True)
 
+
+#: Landmarks (106-point scheme) whose means give the face's up direction (eyes minus outer lip)
+EYE_LANDMARKS, LIP_LANDMARKS = slice(66, 84), slice(84, 96)
 
 #: Factors on ``StartParams.prior_weight`` per template part (parts not listed: 1): no pull
 #: where expressions slide the skin most (eyes, mouth, chin / jaw), a weak one on the cheeks.
@@ -184,6 +194,10 @@ class RegistrationResult:
         stage ran).
     jaw : JawFit or None
         Stage 1b (None when the template has no jaw rig or the stage is disabled).
+    detail : (n,) float64 or None
+        The scan's colour detail at every registered vertex (:class:`ScanTexture`; NaN
+        where the scan has none), the reference of later registrations that start from
+        this one; None without a scan texture.
     landmarks_used : (106,) bool
         Landmarks in the NICP landmark term.
     iterations : tuple of NicpIteration
@@ -199,7 +213,11 @@ class RegistrationResult:
         ``start_vertices``, else 0.0), ``start_shape_rms_mm`` (RMS distance of the start
         to the template after a similarity alignment; NaN without a start),
         ``start_rigid_rmse_mm`` (point-to-plane residual of the rigid re-alignment of the
-        start on ``StartParams.rigid_parts``; NaN without a start or that ICP).
+        start on ``StartParams.rigid_parts``; NaN without a start or that ICP),
+        ``texture_rounds`` (stage 2c rounds run, 0 when it did not run),
+        ``texture_matched_fraction`` (of the flow grid's vertices with reference detail,
+        matched in the first round; NaN when stage 2c did not run), ``texture_flow_p90_mm`` (90th
+        percentile of the matched vertices' displacements in the first round), ``texture_s``.
     """
 
     vertices: np.ndarray
@@ -210,6 +228,7 @@ class RegistrationResult:
     iterations: tuple
     qc: dict
     jaw: JawFit | None = None
+    detail: np.ndarray | None = None
 
 
 def registration_qc(vertices, faces, reference_vertices, distance_mm, valid) -> dict:
@@ -342,7 +361,8 @@ def _prior_weights(T: Template, sp: StartParams, start, L, used) -> np.ndarray:
 
 def register(template, scan_vertices, scan_faces, scan_landmarks,
              params: RegistrationParams = RegistrationParams(), rng=0, start_vertices=None,
-             start_params: StartParams | None = None) -> RegistrationResult:
+             start_params: StartParams | None = None, scan_texture: ScanTexture | None = None,
+             start_detail=None) -> RegistrationResult:
     """Register the template to a scan: landmark similarity, then per-part-stiffness NICP.
 
     Parameters
@@ -371,6 +391,15 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
         existed.
     start_params : StartParams, optional
         Only with ``start_vertices`` (default ``StartParams()``).
+    scan_texture : ScanTexture, optional
+        The scan's colour detail (from its coloured points, e.g. the fused cloud, built
+        with ``params.texture``). With it the result carries ``detail``.
+    start_detail : (n,) float64, optional
+        Only with ``start_vertices``: the start's ``detail`` (NaN where unknown). With a
+        scan texture too, stage 2c runs after stage 2: ``params.texture.rounds`` rounds of
+        :func:`kernels.photometric.texture_flow` (the displacement that brings the scan's
+        detail under each vertex's start detail) and a short NICP on the full template
+        pulling the matched vertices to their displaced positions (projected onto the scan).
 
     Returns
     -------
@@ -388,7 +417,9 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
         PreparedTemplate, a PreparedTemplate built with other parameters;
         ``start_params`` without ``start_vertices`` or not a StartParams, ``start_vertices``
         of the wrong shape, non-finite, with coincident vertices or farther than
-        ``max_shape_rms_mm`` from the template, ``start_params`` naming unknown parts.
+        ``max_shape_rms_mm`` from the template, ``start_params`` naming unknown parts;
+        ``scan_texture`` not a ScanTexture, ``start_detail`` without ``start_vertices``,
+        of the wrong shape or infinite.
     """
     t0 = time.perf_counter()
     if not isinstance(params, RegistrationParams):
@@ -411,6 +442,15 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
 
     if start_params is not None and start_vertices is None:
         raise ValueError("start_params: given without start_vertices")
+    if scan_texture is not None and not isinstance(scan_texture, ScanTexture):
+        raise ValueError(f"scan_texture: expected a ScanTexture, got {type(scan_texture).__name__}")
+    ref_detail = None
+    if start_detail is not None:
+        if start_vertices is None:
+            raise ValueError("start_detail: given without start_vertices")
+        ref_detail = as_array(start_detail, "start_detail", (T.n_vertices,))
+        if np.isinf(ref_detail).any():
+            raise ValueError("start_detail: contains infinite values (NaN means unknown)")
     sp = None
     rest = np.asarray(T.vertices, float)
     if start_vertices is not None:
@@ -495,12 +535,43 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
         res = nicp(prepared, start, scan, L, used, params.nicp,
                    prior_weight=mu if sp.prior_weight > 0 else None, prior_tangential=sp.tangential,
                    orientation_reference=ref)
+    iterations = res.iterations
+    nicp_s = res.time_s
+
+    # stage 2c: photometric refinement (the skin's slide along the surface, from its detail)
+    tp = params.texture
+    t1 = time.perf_counter()
+    tex_rounds, tex_matched, tex_flow = 0, float("nan"), float("nan")
+    if tp.enabled and tp.rounds > 0 and scan_texture is not None and ref_detail is not None \
+            and np.isfinite(ref_detail).any():
+        step = NicpStep(tp.stiffness, tp.landmark_weight, tp.iterations, len(prepared.levels) - 1,
+                        tp.max_distance_mm)
+        rp = replace(params.nicp, schedule=(step,))
+        ref_detail = ref_detail.copy()
+        skip = [k for k, name in enumerate(T.part_names) if name in tp.skip_parts]
+        ref_detail[np.isin(np.asarray(T.parts), skip)] = np.nan
+        for k in range(tp.rounds):
+            lm = T.landmark_points(res.vertices)
+            up = lm[EYE_LANDMARKS].mean(axis=0) - lm[LIP_LANDMARKS].mean(axis=0)
+            fl = texture_flow(res.vertices, T.faces, ref_detail, scan_texture, tp, up=up)
+            if k == 0:
+                tex_matched = float(fl.matched[fl.grid].mean()) if fl.grid.size else 0.0
+                tex_flow = float(np.percentile(np.linalg.norm(fl.displacement[fl.matched], axis=1), 90)) \
+                    if fl.matched.any() else 0.0
+            if not fl.matched.any():
+                break
+            targets = np.where(fl.matched[:, None], res.vertices + fl.displacement, np.nan)
+            res = nicp(prepared, res.vertices, scan, L, used, rp, orientation_reference=ref, targets=targets)
+            iterations = iterations + res.iterations
+            tex_rounds += 1
+    tex_s = time.perf_counter() - t1
+    detail = scan_texture.sample(res.vertices) if scan_texture is not None else None
     qc = registration_qc(res.vertices, T.faces, ref, res.distance_mm, res.valid)
     lm_reg = T.landmark_points(res.vertices)
     lm_err = np.linalg.norm(lm_reg[used] - L[used], axis=1)
     qc.update({
-        "similarity_s": sim_s, "nicp_s": res.time_s, "prepare_s": float(prep_s),
-        "time_s": time.perf_counter() - t0, "n_iterations": len(res.iterations),
+        "similarity_s": sim_s, "nicp_s": nicp_s, "prepare_s": float(prep_s),
+        "time_s": time.perf_counter() - t0, "n_iterations": len(iterations),
         "similarity_scale": sim.scale, "similarity_inliers": sim.n_inliers,
         "similarity_rmse_mm": sim.rmse_mm, "n_landmarks_used": int(used.sum()),
         "n_landmark_outliers": n_out,
@@ -515,5 +586,7 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
         "start": 0.0 if sp is None else 1.0,
         "start_shape_rms_mm": float("nan") if sp is None else start_rms,
         "start_rigid_rmse_mm": float("nan") if sp is None else start_rigid_rmse,
+        "texture_rounds": tex_rounds, "texture_matched_fraction": tex_matched, "texture_flow_p90_mm": tex_flow,
+        "texture_s": tex_s,
     })
-    return RegistrationResult(res.vertices, res.distance_mm, res.valid, sim, used, res.iterations, qc, jaw)
+    return RegistrationResult(res.vertices, res.distance_mm, res.valid, sim, used, iterations, qc, jaw, detail)
