@@ -37,6 +37,10 @@ Graph (``<stage>/<view>`` = the view-level output of each view of the sample)::
   input ``start`` (another sample's registration, given by the subject flow when
   ``BuildConfig.register_from_neutral`` is set: the subject's neutral scan) the kernel starts
   from it (``register(start_vertices=...)``, default ``StartParams``), and the key includes it.
+  The fused colours (when the fusion has them, at least 1000 coloured points) give the scan's
+  colour detail (:class:`kernels.photometric.ScanTexture`): the artifact then has ``detail`` (n,)
+  float32 (NaN where none), and a registration from a start that has ``detail`` runs the
+  photometric refinement (stage 2c of :func:`kernels.registration.register`).
 
 Neither stage reads raw files through its key: ``fusion`` reads the raw calibration only for
 the camera centres, and every view's ``decode`` key already hashes the raw view.
@@ -52,12 +56,14 @@ from kernels.fusion import FusionParams, fuse_views
 from kernels.landmarks import LandmarkStatus
 from kernels.meshing import MeshingParams, mesh_point_cloud
 from kernels.nicp import PreparedTemplate, prepare_template
+from kernels.photometric import ScanTexture
 from kernels.registration import register
 from kernels.template import Template, default_template
 from pixelface.config import RegistrationStageParams, TemplateConfig
 from tasks.stage import Sources, StageSpec
 
 PIVOT = "middle"
+MIN_COLOURED_POINTS = 1000  # fewer coloured fused points: no scan texture (no photometric stage 2c)
 
 
 # -- fusion --------------------------------------------------------------------------------------
@@ -157,18 +163,37 @@ def prepared_template(stage: RegistrationStageParams) -> PreparedTemplate:
 
 def _registration_load(src: Sources, params):
     m = src.arrays("surface", ["vertices", "faces"])
-    f = src.arrays("fusion", ["landmarks"])
+    names = ["landmarks", "points", "colours"] if "colours" in src.array_names("fusion") else ["landmarks"]
+    f = src.arrays("fusion", names)
     out = dict(vertices=m["vertices"].astype(np.float64), faces=m["faces"], landmarks=f["landmarks"])
+    if "colours" in f:
+        out["colour_points"] = f["points"].astype(np.float64)
+        out["colours"] = f["colours"].astype(np.float64)
     if src.has("start"):  # the subject's neutral registration (BuildConfig.register_from_neutral)
-        out["start_vertices"] = src.arrays("start", ["vertices"])["vertices"].astype(np.float64)
+        start = src.arrays("start", ["vertices", "detail"] if "detail" in src.array_names("start") else ["vertices"])
+        out["start_vertices"] = start["vertices"].astype(np.float64)
+        if "detail" in start:
+            out["start_detail"] = start["detail"].astype(np.float64)
     return out
 
 
-def _registration_kernel(params: RegistrationStageParams | None, vertices, faces, landmarks, start_vertices=None):
+def _scan_texture(points, colours, params) -> ScanTexture | None:
+    """The scan's colour detail, or None when too few of its points have a colour."""
+    if points is None or colours is None:
+        return None
+    ok = np.isfinite(points).all(axis=1) & np.isfinite(colours).all(axis=1)
+    if ok.sum() < MIN_COLOURED_POINTS:
+        return None
+    return ScanTexture(points[ok], np.clip(colours[ok], 0.0, 1.0), params)
+
+
+def _registration_kernel(params: RegistrationStageParams | None, vertices, faces, landmarks, start_vertices=None,
+                         colour_points=None, colours=None, start_detail=None):
     p = params if params is not None else RegistrationStageParams()
     prep = prepared_template(p)
-    return register(prep, vertices, faces, landmarks, p.registration, rng=p.seed,
-                    start_vertices=start_vertices), prep.template
+    tex = _scan_texture(colour_points, colours, p.registration.texture)
+    return register(prep, vertices, faces, landmarks, p.registration, rng=p.seed, start_vertices=start_vertices,
+                    scan_texture=tex, start_detail=start_detail if start_vertices is not None else None), prep.template
 
 
 def _registration_pack(out):
@@ -176,6 +201,8 @@ def _registration_pack(out):
     arrays = {"vertices": r.vertices.astype(np.float32), "distance": r.distance_mm.astype(np.float32),
               "valid": np.asarray(r.valid, dtype=bool),
               "landmarks": template.landmark_points(r.vertices).astype(np.float64)}
+    if r.detail is not None:
+        arrays["detail"] = r.detail.astype(np.float32)
     qc = {}
     for k, v in r.qc.items():
         if isinstance(v, (bool, int, float, np.integer, np.floating)) and np.isfinite(float(v)):
@@ -185,5 +212,5 @@ def _registration_pack(out):
 
 FUSION = StageSpec("fusion", "2", "sample", False, _fusion_load, _fusion_kernel, _fusion_pack)
 SURFACE = StageSpec("surface", "2", "sample", False, _surface_load, _surface_kernel, _surface_pack)
-REGISTRATION = StageSpec("registration", "2", "sample", False, _registration_load, _registration_kernel,
+REGISTRATION = StageSpec("registration", "3", "sample", False, _registration_load, _registration_kernel,
                          _registration_pack)

@@ -332,6 +332,14 @@ class Sources:
         self.reads.append(role)
         return self._store.artifacts.read(rec.ref, names)
 
+    def array_names(self, role: str) -> set[str]:
+        """Names of the arrays input ``role`` has (for optional arrays, e.g. fused colours)."""
+        mem = self._memory.get(self._node_ids.get(role))
+        if mem is not None:
+            return set(mem)
+        m = self._store.artifacts.manifest(self._inputs[role].ref)
+        return set(m.arrays) if m is not None else set()
+
 
 # -- keys ------------------------------------------------------------------------------------------
 

@@ -532,6 +532,12 @@ def test_register_from_neutral_starts_expressions_from_the_neutral_registration(
             assert keys["start"] == regs[(subject, "neutral")]["artifact_key"] and qc["start"] == 1.0
             assert 0 < qc["start_rigid_rmse_mm"] < 1.0 and qc["mean_distance_mm"] < 0.5
             assert qc["n_flipped"] == 0  # counted against the template, as the untangling restores
+            # the photometric stage 2c ran from the fused colours and the neutral's detail
+            assert qc["texture_rounds"] == 1 and qc["texture_matched_fraction"] > 0.3, qc
+    for r in st.artifacts.list():
+        if r.stage == "registration":
+            d = st.artifacts.read(r, ["detail"])["detail"]
+            assert d.dtype == np.float32 and np.isfinite(d).mean() > 0.5 and 0.005 < np.nanstd(d) < 0.2
     s2 = build(config(raw, store, cluster, register_from_neutral=True))
     assert s2.totals()["cached"] == stage_count(4) and s2.totals()["computed"] == 0
     s3 = build(config(raw, store, cluster, register_from_neutral=False))  # off: only the expressions' registrations
