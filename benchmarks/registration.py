@@ -45,6 +45,7 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")  # one core: BLAS / OpenMP must not spawn threads
 
 import argparse  # noqa: E402
+import zlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
@@ -125,7 +126,8 @@ def synthetic_scan(subject, expression: str, scan_vertices: int = 40_000, rng=0,
     ``gt_landmarks``, ``subject``, ``expression``, ``uv`` (scan vertices' material points),
     ``colours`` (the simulator's RGB albedo, skin detail included, times ``1 + N(0,
     colour_noise)`` per vertex and channel, clipped to [0, 1]; drawn after everything else,
-    so the geometry is that of earlier versions).
+    so the geometry is that of earlier versions, from a generator seeded by ``rng`` and the
+    expression, so that it does not repeat between a subject's scans).
     """
     from kernels.synth.face import face_mesh, surface_points
 
@@ -154,7 +156,10 @@ def synthetic_scan(subject, expression: str, scan_vertices: int = 40_000, rng=0,
     d = _scene(Vs, Fs).compute_distance(__import__("open3d").core.Tensor(fm.landmarks.astype(np.float32))).numpy()
     L[d > OBSERVED_MM] = np.nan
     C = np.asarray(fm.albedo_rgb, float)[used]
-    C = np.clip(C * (1.0 + g.normal(0.0, colour_noise, C.shape)), 0.0, 1.0)
+    # a generator of its own per expression: drawn from ``g`` alone, the noise of a subject's
+    # scans (same seed) would repeat per grid vertex, i.e. move with the skin like a texture
+    gc = np.random.default_rng([int(g.integers(2 ** 62)), zlib.crc32(expression.encode())])
+    C = np.clip(C * (1.0 + gc.normal(0.0, colour_noise, C.shape)), 0.0, 1.0)
     return {"vertices": Vs, "faces": Fs, "landmarks": L, "gt_landmarks": np.asarray(fm.landmarks, float),
             "subject": subject, "expression": expression, "uv": np.asarray(fm.uv)[used], "colours": C}
 

@@ -59,7 +59,7 @@ class TextureParams:
         Cells whose local mean luminance is below this carry no detail (NaN; default 0.03:
         nostrils, the mouth cavity, dark hair).
     search_mm : float
-        Half width of the square search window in the tangent plane (default 6 mm).
+        Radius of the disc of offsets searched in the tangent plane (default 6 mm).
     step_mm : float
         Spacing of the search offsets (default 1 mm); the best offset is refined below
         the spacing by a parabola through its neighbours.
@@ -81,6 +81,14 @@ class TextureParams:
         ... and when its displacement is within this of the weighted mean of the other
         matches in its patch (default 1.5 mm): a lone match that disagrees with its
         neighbours is a false minimum (motion beyond the window, strong stretch).
+    min_flow_mm : float
+        Displacements up to this are set to 0 (the vertex is held where it is; default
+        0.5 mm): on pipeline scans they are within the flow's noise.
+    min_detail_std : float
+        Stage 2c runs only when the scan's and the reference's detail have at least this
+        robust standard deviation (:attr:`ScanTexture.detail_std`, default 0.015): on skin
+        without visible detail the matches follow the colour noise (over a 7 mm patch a
+        sharp minimum is not rare there) and made every exaggerated expression worse.
     skip_parts : tuple of str
         Template parts without texture targets (default ``("eyes",)``: the lids slide over
         the eyeball and the iris / sclera pattern is not skin, it does not move with it).
@@ -104,6 +112,7 @@ class TextureParams:
     search_mm: float = 6.0
     step_mm: float = 1.0
     max_deviation_mm: float = 1.5
+    min_detail_std: float = 0.015
     min_flow_mm: float = 0.5
     flow_spacing_mm: float = 2.0
     patch_radius_mm: float = 7.0
@@ -123,9 +132,9 @@ class TextureParams:
                      "flow_spacing_mm",
                      "patch_radius_mm", "max_distance_mm"):
             check_number(getattr(self, name), f"TextureParams.{name}", lo=0, lo_open=True)
-        for name in ("min_contrast", "min_support", "min_luminance"):
+        for name in ("min_contrast", "min_support", "min_luminance", "min_detail_std"):
             check_number(getattr(self, name), f"TextureParams.{name}", lo=0, hi=1)
-        for name in ("stiffness", "landmark_weight"):
+        for name in ("stiffness", "landmark_weight", "min_flow_mm"):
             check_number(getattr(self, name), f"TextureParams.{name}", lo=0)
         check_int(self.rounds, "TextureParams.rounds", 0)
         if isinstance(self.skip_parts, str) or not all(isinstance(a, str) for a in self.skip_parts):
@@ -250,6 +259,10 @@ class ScanTexture:
     detail : (c,) float64
         ``lum / local mean - 1`` per cell (NaN where the local mean is darker than
         ``min_luminance``).
+    detail_std : float
+        Robust standard deviation of ``detail`` (1.4826 x its median absolute deviation):
+        ~0.04 on the pipeline's fused colours of the simulator's skin, ~0.007 (camera noise)
+        on skin without detail.
 
     Raises
     ------
@@ -296,6 +309,8 @@ class ScanTexture:
         mean = _trilinear(cg, box, centres / hc, 1e-9)
         with np.errstate(divide="ignore", invalid="ignore"):
             self.detail = np.where(mean >= params.min_luminance, lum_c / mean - 1.0, np.nan)
+        d = self.detail[np.isfinite(self.detail)]
+        self.detail_std = float(1.4826 * np.median(np.abs(d - np.median(d)))) if d.size else 0.0
 
     @property
     def n_cells(self) -> int:

@@ -217,7 +217,9 @@ class RegistrationResult:
         ``texture_rounds`` (stage 2c rounds run, 0 when it did not run),
         ``texture_matched_fraction`` (of the flow grid's vertices with reference detail,
         matched in the first round; NaN when stage 2c did not run), ``texture_flow_p90_mm`` (90th
-        percentile of the matched vertices' displacements in the first round), ``texture_s``.
+        percentile of the matched vertices' displacements in the first round), ``texture_s``,
+        ``texture_detail_std`` (the scan texture's :attr:`ScanTexture.detail_std`; NaN
+        without one; stage 2c needs it and the start's detail at ``min_detail_std``).
     """
 
     vertices: np.ndarray
@@ -357,6 +359,12 @@ def _prior_weights(T: Template, sp: StartParams, start, L, used) -> np.ndarray:
             d, _ = cKDTree(ls[moved]).query(start)
             mu = mu * (1.0 - np.exp(-(d / sp.landmark_radius_mm) ** 2))
     return mu
+
+
+def _robust_std(x: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation of the finite values (0 without any)."""
+    x = x[np.isfinite(x)]
+    return float(1.4826 * np.median(np.abs(x - np.median(x)))) if x.size else 0.0
 
 
 def register(template, scan_vertices, scan_faces, scan_landmarks,
@@ -543,7 +551,7 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
     t1 = time.perf_counter()
     tex_rounds, tex_matched, tex_flow = 0, float("nan"), float("nan")
     if tp.enabled and tp.rounds > 0 and scan_texture is not None and ref_detail is not None \
-            and np.isfinite(ref_detail).any():
+            and scan_texture.detail_std >= tp.min_detail_std and _robust_std(ref_detail) >= tp.min_detail_std:
         step = NicpStep(tp.stiffness, tp.landmark_weight, tp.iterations, len(prepared.levels) - 1,
                         tp.max_distance_mm)
         rp = replace(params.nicp, schedule=(step,))
@@ -588,5 +596,6 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
         "start_rigid_rmse_mm": float("nan") if sp is None else start_rigid_rmse,
         "texture_rounds": tex_rounds, "texture_matched_fraction": tex_matched, "texture_flow_p90_mm": tex_flow,
         "texture_s": tex_s,
+        "texture_detail_std": scan_texture.detail_std if scan_texture is not None else float("nan"),
     })
     return RegistrationResult(res.vertices, res.distance_mm, res.valid, sim, used, iterations, qc, jaw, detail)

@@ -71,6 +71,9 @@ def test_detail_is_independent_of_shading_and_exposure():
     assert np.max(np.abs(d1 - d2)) < 0.01, np.max(np.abs(d1 - d2))
     # far from the scan: NaN
     assert np.isnan(t1.sample(np.array([[0.0, 0.0, 5.0]]))).all()
+    # the detail's robust spread: the texture's, against camera noise alone on even skin
+    flat = np.clip(0.5 * (1.0 + np.random.default_rng(3).normal(0, 0.005, C.shape)), 0, 1)
+    assert 0.05 < t1.detail_std < 0.1 and ScanTexture(P, flat).detail_std < 0.005, t1.detail_std
 
 
 @pytest.mark.parametrize("shift", [(3.0, -2.0), (0.0, 4.5), (-1.2, 0.7)])

@@ -388,6 +388,12 @@ def test_from_neutral_with_skin_texture_grin_within_1_5x(template, prepared):
     r = register(prepared, sc["vertices"], sc["faces"], sc["landmarks"], off, start_vertices=rn.vertices,
                  scan_texture=ScanTexture(sc["vertices"], sc["colours"]), start_detail=rn.detail)
     np.testing.assert_array_equal(r.vertices, _from_neutral(template, prepared, 0, "grin")[0].vertices)
+    # skin without visible detail (even colour, 1 % noise): the stage does not run
+    even = np.clip(0.6 * (1.0 + np.random.default_rng(0).normal(0.0, 0.01, sc["colours"].shape)), 0, 1)
+    r = register(prepared, sc["vertices"], sc["faces"], sc["landmarks"], start_vertices=rn.vertices,
+                 scan_texture=ScanTexture(sc["vertices"], even), start_detail=rn.detail)
+    assert r.qc["texture_rounds"] == 0 and r.qc["texture_detail_std"] < TextureParams().min_detail_std
+    np.testing.assert_array_equal(r.vertices, _from_neutral(template, prepared, 0, "grin")[0].vertices)
 
 
 def test_untangling_restores_the_orientation_reference(template, prepared):
