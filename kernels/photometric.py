@@ -157,7 +157,7 @@ class _SparseGrid:
 
     Rows are found in a dense index array over the cells' bounding box when it has at most
     ``DENSE_MAX_CELLS`` cells (a face at 1 mm: ~15M cells, 60 MB, for the duration of one
-    registration), else by binary search in the sorted cell keys (about 5x slower).
+    registration), else by binary search in the sorted cell keys.
     """
 
     DENSE_MAX_CELLS = 2 ** 24
@@ -239,8 +239,8 @@ class ScanTexture:
     occupied cell). The local mean luminance is a box mean over 3 x 3 x 3 cells of
     ``highpass_radius_mm / 2`` (a 1.5 ``highpass_radius_mm`` cube), interpolated
     trilinearly at each fine cell; the detail of a cell is ``lum / local mean - 1``. Both
-    grids are sparse (sorted cell keys, binary search): the cost is proportional to the
-    points, whatever their extent.
+    grids store only their occupied cells (:class:`_SparseGrid`): the cost is proportional
+    to the points, whatever their extent.
 
     Parameters
     ----------
