@@ -84,7 +84,7 @@ def sweep(size: str, n_subjects: int, expressions: list[str]) -> dict:
         sc = synthetic_scan(subj, "neutral", ns, rng=k)
         t0 = time.perf_counter()
         rn = register(prep, sc["vertices"], sc["faces"], sc["landmarks"], params,
-                      scan_texture=ScanTexture(sc["vertices"], sc["colours"], params.texture))
+                      scan_texture=ScanTexture(sc["vertices"], sc["colours"], params.photometric))
         base_n = _row(T, rn, sc, time.perf_counter() - t0)
         for m in METHODS:
             out["rows"].append({"subject": subj.subject_id, "expression": "neutral", "method": m, **base_n})
@@ -99,7 +99,7 @@ def sweep(size: str, n_subjects: int, expressions: list[str]) -> dict:
                 if m != "baseline":
                     kw["start_vertices"] = rn.vertices
                 if m == "from_neutral":     # the scan texture is built inside the timed span
-                    kw["scan_texture"] = ScanTexture(sc["vertices"], sc["colours"], params.texture)
+                    kw["scan_texture"] = ScanTexture(sc["vertices"], sc["colours"], params.photometric)
                     kw["start_detail"] = rn.detail
                 r = register(prep, sc["vertices"], sc["faces"], sc["landmarks"], params, **kw)
                 res[m] = _row(T, r, sc, time.perf_counter() - t0)
@@ -153,7 +153,7 @@ def robustness(size: str) -> dict:
     starts: dict = {}
 
     def tex(sc):
-        return ScanTexture(sc["vertices"], sc["colours"], params.texture)
+        return ScanTexture(sc["vertices"], sc["colours"], params.photometric)
 
     def start(k):
         if k not in starts:

@@ -15,7 +15,7 @@ the scan's coloured points pooled into cells of ``cell_mm``: shading multiplies 
 and varies slowly over the surface, so the ratio hardly depends on the lighting, the view or
 the camera's exposure, and the slowly varying skin colour (cheek redness) drops out.
 
-* :class:`TextureParams`: every parameter (defaults measured in ``docs/registration.md``).
+* :class:`PhotometricParams`: every parameter (defaults measured in ``docs/registration.md``).
 * :class:`ScanTexture`: a scan's coloured points -> detail, sampled at any point.
 * :func:`texture_flow`: block matching of a reference detail per template vertex against a
   scan's detail -> per-vertex tangential displacement and a match flag.
@@ -36,14 +36,14 @@ try:  # fused loop (optional; the numpy path below is the reference)
 except ImportError:  # pragma: no cover - numba not installed
     _fast = None
 
-__all__ = ["ScanTexture", "TextureFlow", "TextureParams", "flow_grid", "texture_flow"]
+__all__ = ["ScanTexture", "TextureFlow", "PhotometricParams", "flow_grid", "texture_flow"]
 
 SAMPLE_SIGMA = 0.6  # Gaussian width of ScanTexture.sample, in cells
 LUMA = np.array([0.2126, 0.7152, 0.0722])  # Rec. 709 luminance weights
 
 
 @dataclass(frozen=True)
-class TextureParams:
+class PhotometricParams:
     """Parameters of the photometric refinement (stage 2c of :func:`kernels.registration.register`).
 
     Attributes
@@ -127,24 +127,24 @@ class TextureParams:
 
     def __post_init__(self):
         if not isinstance(self.enabled, (bool, np.bool_)):
-            raise ValueError(f"TextureParams.enabled: must be a bool, got {self.enabled!r}")
+            raise ValueError(f"PhotometricParams.enabled: must be a bool, got {self.enabled!r}")
         for name in ("cell_mm", "highpass_radius_mm", "search_mm", "step_mm", "max_deviation_mm",
                      "flow_spacing_mm",
                      "patch_radius_mm", "max_distance_mm"):
-            check_number(getattr(self, name), f"TextureParams.{name}", lo=0, lo_open=True)
+            check_number(getattr(self, name), f"PhotometricParams.{name}", lo=0, lo_open=True)
         for name in ("min_contrast", "min_support", "min_luminance", "min_detail_std"):
-            check_number(getattr(self, name), f"TextureParams.{name}", lo=0, hi=1)
+            check_number(getattr(self, name), f"PhotometricParams.{name}", lo=0, hi=1)
         for name in ("stiffness", "landmark_weight", "min_flow_mm"):
-            check_number(getattr(self, name), f"TextureParams.{name}", lo=0)
-        check_int(self.rounds, "TextureParams.rounds", 0)
+            check_number(getattr(self, name), f"PhotometricParams.{name}", lo=0)
+        check_int(self.rounds, "PhotometricParams.rounds", 0)
         if isinstance(self.skip_parts, str) or not all(isinstance(a, str) for a in self.skip_parts):
-            raise ValueError(f"TextureParams.skip_parts: expected a tuple of part names, got {self.skip_parts!r}")
+            raise ValueError(f"PhotometricParams.skip_parts: expected a tuple of part names, got {self.skip_parts!r}")
         object.__setattr__(self, "skip_parts", tuple(self.skip_parts))
-        check_int(self.iterations, "TextureParams.iterations", 1)
+        check_int(self.iterations, "PhotometricParams.iterations", 1)
         if self.step_mm > self.search_mm:
-            raise ValueError(f"TextureParams.step_mm ({self.step_mm}) must not exceed search_mm ({self.search_mm})")
+            raise ValueError(f"PhotometricParams.step_mm ({self.step_mm}) must not exceed search_mm ({self.search_mm})")
         if self.highpass_radius_mm < 2 * self.cell_mm:
-            raise ValueError(f"TextureParams.highpass_radius_mm ({self.highpass_radius_mm}) must be at least "
+            raise ValueError(f"PhotometricParams.highpass_radius_mm ({self.highpass_radius_mm}) must be at least "
                              f"2 * cell_mm ({2 * self.cell_mm})")
         for f in fields(self):
             v = getattr(self, f.name)
@@ -249,7 +249,7 @@ class ScanTexture:
         ignored.
     colours : (k, 3) float64
         RGB in [0, 1] (any linear scale works: the detail is a ratio), NaN rows unknown.
-    params : TextureParams
+    params : PhotometricParams
         ``cell_mm``, ``highpass_radius_mm``, ``min_luminance`` are used.
 
     Attributes
@@ -261,8 +261,8 @@ class ScanTexture:
         ``min_luminance``).
     detail_std : float
         Robust standard deviation of ``detail`` (1.4826 x its median absolute deviation):
-        ~0.04 on the pipeline's fused colours of the simulator's skin, ~0.007 (camera noise)
-        on skin without detail.
+        0.03-0.04 on the pipeline's fused colours of the simulator's skin; on skin without
+        detail ~0.007 (1 % colour noise) to 0.010-0.012 (pipeline colours, 1280 x 1024).
 
     Raises
     ------
@@ -271,9 +271,9 @@ class ScanTexture:
         points spanning more than 2^21 cells along an axis.
     """
 
-    def __init__(self, points, colours, params: TextureParams = TextureParams()):
-        if not isinstance(params, TextureParams):
-            raise ValueError(f"params: expected TextureParams, got {type(params).__name__}")
+    def __init__(self, points, colours, params: PhotometricParams = PhotometricParams()):
+        if not isinstance(params, PhotometricParams):
+            raise ValueError(f"params: expected PhotometricParams, got {type(params).__name__}")
         P = as_array(points, "points", (None, 3))
         C = as_array(colours, "colours", (P.shape[0], 3))
         if np.isinf(P).any() or np.isinf(C).any():
@@ -414,7 +414,7 @@ def _parabola(cm, c0, cp):
     return np.clip(np.nan_to_num(t), -0.5, 0.5)
 
 
-def texture_flow(vertices, faces, reference, texture: ScanTexture, params: TextureParams = TextureParams(),
+def texture_flow(vertices, faces, reference, texture: ScanTexture, params: PhotometricParams = PhotometricParams(),
                  up=(0.0, 1.0, 0.0), normals=None) -> TextureFlow:
     """Tangential displacement per template vertex that matches its reference detail on a scan.
 
@@ -437,7 +437,7 @@ def texture_flow(vertices, faces, reference, texture: ScanTexture, params: Textu
         subject's neutral registration), NaN where unknown.
     texture : ScanTexture
         The scan's detail.
-    params : TextureParams
+    params : PhotometricParams
     up : (3,) float64
         The face's up direction in the scan frame (tangent frames are built from it so
         that neighbouring vertices' offsets agree; default +y).
@@ -466,8 +466,8 @@ def texture_flow(vertices, faces, reference, texture: ScanTexture, params: Textu
         raise ValueError("reference: contains infinite values (NaN means unknown)")
     if not isinstance(texture, ScanTexture):
         raise ValueError(f"texture: expected a ScanTexture, got {type(texture).__name__}")
-    if not isinstance(params, TextureParams):
-        raise ValueError(f"params: expected TextureParams, got {type(params).__name__}")
+    if not isinstance(params, PhotometricParams):
+        raise ValueError(f"params: expected PhotometricParams, got {type(params).__name__}")
     u = as_array(up, "up", (3,), finite=True)
     if np.linalg.norm(u) == 0:
         raise ValueError("up: must not be the zero vector")

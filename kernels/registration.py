@@ -27,7 +27,7 @@ from kernels.meshing import mesh_quality
 from kernels.nicp import (
     NicpParams, NicpStep, PreparedTemplate, ScanSurface, _check_scan, _key, nicp, prepare_template, vertex_normals,
 )
-from kernels.photometric import ScanTexture, TextureParams, texture_flow
+from kernels.photometric import ScanTexture, PhotometricParams, texture_flow
 from kernels.similarity import (
     Similarity, SimilarityParams, apply_similarity, fit_similarity, landmark_outliers, polish_rigid,
     refit_similarity, umeyama,
@@ -51,9 +51,9 @@ class RegistrationParams:
     jaw : JawParams
         Stage 1b (jaw angle bounds, landmark / surface terms); runs when
         ``jaw.enabled`` and the template has a jaw rig.
-    texture : TextureParams
+    photometric : PhotometricParams
         Stage 2c, the photometric refinement (:mod:`kernels.photometric`); runs when
-        ``texture.enabled`` and :func:`register` gets a scan texture and a start's detail.
+        ``photometric.enabled`` and :func:`register` gets a scan texture and a start's detail.
     drop_landmark_outliers : bool
         Leave landmarks flagged by :func:`kernels.similarity.landmark_outliers` out of the
         NICP landmark term (default True).
@@ -64,7 +64,7 @@ class RegistrationParams:
     similarity: SimilarityParams = field(default_factory=SimilarityParams)
     nicp: NicpParams = field(default_factory=NicpParams)
     jaw: JawParams = field(default_factory=JawParams)
-    texture: TextureParams = field(default_factory=TextureParams)
+    photometric: PhotometricParams = field(default_factory=PhotometricParams)
     drop_landmark_outliers: bool = True
     outlier_tolerance_mm: float = 7.0
 
@@ -76,8 +76,9 @@ class RegistrationParams:
             raise ValueError(f"RegistrationParams.nicp: expected NicpParams, got {type(self.nicp).__name__}")
         if not isinstance(self.jaw, JawParams):
             raise ValueError(f"RegistrationParams.jaw: expected JawParams, got {type(self.jaw).__name__}")
-        if not isinstance(self.texture, TextureParams):
-            raise ValueError(f"RegistrationParams.texture: expected TextureParams, got {type(self.texture).__name__}")
+        if not isinstance(self.photometric, PhotometricParams):
+            raise ValueError(f"RegistrationParams.photometric: expected PhotometricParams, "
+                             f"got {type(self.photometric).__name__}")
         check_number(self.outlier_tolerance_mm, "RegistrationParams.outlier_tolerance_mm", lo=0, lo_open=True)
 
 
@@ -401,10 +402,10 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
         Only with ``start_vertices`` (default ``StartParams()``).
     scan_texture : ScanTexture, optional
         The scan's colour detail (from its coloured points, e.g. the fused cloud, built
-        with ``params.texture``). With it the result carries ``detail``.
+        with ``params.photometric``). With it the result carries ``detail``.
     start_detail : (n,) float64, optional
         Only with ``start_vertices``: the start's ``detail`` (NaN where unknown). With a
-        scan texture too, stage 2c runs after stage 2: ``params.texture.rounds`` rounds of
+        scan texture too, stage 2c runs after stage 2: ``params.photometric.rounds`` rounds of
         :func:`kernels.photometric.texture_flow` (the displacement that brings the scan's
         detail under each vertex's start detail) and a short NICP on the full template
         pulling the matched vertices to their displaced positions (projected onto the scan).
@@ -547,7 +548,7 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
     nicp_s = res.time_s
 
     # stage 2c: photometric refinement (the skin's slide along the surface, from its detail)
-    tp = params.texture
+    tp = params.photometric
     t1 = time.perf_counter()
     tex_rounds, tex_matched, tex_flow = 0, float("nan"), float("nan")
     if tp.enabled and tp.rounds > 0 and scan_texture is not None and ref_detail is not None \

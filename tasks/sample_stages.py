@@ -191,7 +191,7 @@ def _registration_kernel(params: RegistrationStageParams | None, vertices, faces
                          colour_points=None, colours=None, start_detail=None):
     p = params if params is not None else RegistrationStageParams()
     prep = prepared_template(p)
-    tex = _scan_texture(colour_points, colours, p.registration.texture)
+    tex = _scan_texture(colour_points, colours, p.registration.photometric)
     return register(prep, vertices, faces, landmarks, p.registration, rng=p.seed, start_vertices=start_vertices,
                     scan_texture=tex, start_detail=start_detail if start_vertices is not None else None), prep.template
 

@@ -9,7 +9,7 @@ the second scan must recover the slide.
 import numpy as np
 import pytest
 
-from kernels.photometric import ScanTexture, TextureParams, flow_grid, texture_flow
+from kernels.photometric import ScanTexture, PhotometricParams, flow_grid, texture_flow
 from kernels.synth.face import skin_detail
 from kernels.synth.face_params import FaceModelParams
 
@@ -82,7 +82,7 @@ def test_flow_recovers_a_known_slide(shift):
     P0, C0 = _plane_scan(noise=0.01, rng=1)
     ref = ScanTexture(P0, C0).sample(V)
     P1, C1 = _plane_scan(shift=shift, shading=(0.25, 0.1), noise=0.01, rng=2)
-    fl = texture_flow(V, F, ref, ScanTexture(P1, C1), TextureParams(), up=(0.0, 1.0, 0.0))
+    fl = texture_flow(V, F, ref, ScanTexture(P1, C1), PhotometricParams(), up=(0.0, 1.0, 0.0))
     inner = np.all(np.abs(V[:, :2]) < 20.0, axis=1)
     m = fl.matched & inner
     assert m.sum() >= 0.9 * (inner & np.isin(np.arange(len(V)), fl.grid)).sum(), m.sum()
@@ -97,10 +97,10 @@ def test_flow_rejects_a_textureless_scan_and_a_slide_beyond_the_window():
     ref = ScanTexture(P0, C0).sample(V)
     flat = np.full_like(C0, 0.5)
     flat *= 1.0 + np.random.default_rng(0).normal(0, 0.01, flat.shape)     # noise only
-    fl = texture_flow(V, F, ref, ScanTexture(P0, flat), TextureParams())
+    fl = texture_flow(V, F, ref, ScanTexture(P0, flat), PhotometricParams())
     assert fl.matched.mean() < 0.05, fl.matched.mean()
     P1, C1 = _plane_scan(shift=(12.0, 0.0))                                 # twice the 6 mm window
-    fl = texture_flow(V, F, ref, ScanTexture(P1, C1), TextureParams())
+    fl = texture_flow(V, F, ref, ScanTexture(P1, C1), PhotometricParams())
     inner = np.all(np.abs(V[:, :2]) < 20.0, axis=1)
     wrong = fl.matched & inner & (np.linalg.norm(fl.displacement - [12.0, 0, 0], axis=1) > 1.0)
     assert wrong.sum() <= 0.1 * (inner & np.isin(np.arange(len(V)), fl.grid)).sum(), wrong.sum()
@@ -133,12 +133,12 @@ def test_bad_inputs_raise_naming_the_problem():
         texture_flow(V, F + len(V), np.zeros(len(V)), t)
     with pytest.raises(ValueError, match="up: must not be the zero vector"):
         texture_flow(V, F, np.zeros(len(V)), t, up=(0, 0, 0))
-    with pytest.raises(ValueError, match="TextureParams.search_mm"):
-        TextureParams(search_mm=0)
+    with pytest.raises(ValueError, match="PhotometricParams.search_mm"):
+        PhotometricParams(search_mm=0)
     with pytest.raises(ValueError, match="step_mm"):
-        TextureParams(step_mm=8.0)
-    with pytest.raises(ValueError, match="TextureParams.rounds"):
-        TextureParams(rounds=-1)
+        PhotometricParams(step_mm=8.0)
+    with pytest.raises(ValueError, match="PhotometricParams.rounds"):
+        PhotometricParams(rounds=-1)
 
 
 def test_numba_sampler_matches_the_numpy_reference():

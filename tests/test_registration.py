@@ -382,8 +382,8 @@ def test_from_neutral_with_skin_texture_grin_within_1_5x(template, prepared):
     assert max(t / n for t, n in zip(tex, neutral)) <= 1.5, (tex, neutral)
     # disabled by the parameters: the geometric result
     sc = _scan(0, "grin")
-    from kernels.photometric import ScanTexture, TextureParams
-    off = RegistrationParams(texture=TextureParams(enabled=False))
+    from kernels.photometric import ScanTexture, PhotometricParams
+    off = RegistrationParams(photometric=PhotometricParams(enabled=False))
     rn = _textured_neutral(template, prepared, 0)[0]
     r = register(prepared, sc["vertices"], sc["faces"], sc["landmarks"], off, start_vertices=rn.vertices,
                  scan_texture=ScanTexture(sc["vertices"], sc["colours"]), start_detail=rn.detail)
@@ -392,7 +392,7 @@ def test_from_neutral_with_skin_texture_grin_within_1_5x(template, prepared):
     even = np.clip(0.6 * (1.0 + np.random.default_rng(0).normal(0.0, 0.01, sc["colours"].shape)), 0, 1)
     r = register(prepared, sc["vertices"], sc["faces"], sc["landmarks"], start_vertices=rn.vertices,
                  scan_texture=ScanTexture(sc["vertices"], even), start_detail=rn.detail)
-    assert r.qc["texture_rounds"] == 0 and r.qc["texture_detail_std"] < TextureParams().min_detail_std
+    assert r.qc["texture_rounds"] == 0 and r.qc["texture_detail_std"] < PhotometricParams().min_detail_std
     np.testing.assert_array_equal(r.vertices, _from_neutral(template, prepared, 0, "grin")[0].vertices)
 
 
@@ -522,8 +522,8 @@ def test_bad_start_inputs_raise_naming_the_problem(template, prepared):
         register(prepared, V, F, L, start_vertices=start, start_detail=np.full(n, np.inf))
     with pytest.raises(ValueError, match="scan_texture: expected a ScanTexture, got ndarray"):
         register(prepared, V, F, L, scan_texture=sc["colours"])
-    with pytest.raises(ValueError, match="RegistrationParams.texture: expected TextureParams"):
-        RegistrationParams(texture={"enabled": False})
+    with pytest.raises(ValueError, match="RegistrationParams.photometric: expected PhotometricParams"):
+        RegistrationParams(photometric={"enabled": False})
     # a scan texture with no detail near the registration: stage 2c matches nothing and changes nothing
     far = ScanTexture(V + 500.0, sc["colours"])
     r = register(prepared, V, F, L, start_vertices=start, scan_texture=far, start_detail=np.zeros(n))
