@@ -36,7 +36,7 @@ try:  # fused loop (optional; the numpy path below is the reference)
 except ImportError:  # pragma: no cover - numba not installed
     _fast = None
 
-__all__ = ["ScanTexture", "TextureFlow", "PhotometricParams", "flow_grid", "texture_flow"]
+__all__ = ["PhotometricParams", "ScanTexture", "TextureFlow", "flow_grid", "robust_std", "texture_flow"]
 
 SAMPLE_SIGMA = 0.6  # Gaussian width of ScanTexture.sample, in cells
 LUMA = np.array([0.2126, 0.7152, 0.0722])  # Rec. 709 luminance weights
@@ -150,6 +150,14 @@ class PhotometricParams:
             v = getattr(self, f.name)
             if isinstance(v, (float, np.floating)):
                 object.__setattr__(self, f.name, float(v))
+
+
+def robust_std(x) -> float:
+    """1.4826 x the median absolute deviation of the finite values of ``x`` (0 without any):
+    the standard deviation of normal data, not swayed by a few edges (lips, brows)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(1.4826 * np.median(np.abs(x - np.median(x)))) if x.size else 0.0
 
 
 class _SparseGrid:
@@ -309,8 +317,7 @@ class ScanTexture:
         mean = _trilinear(cg, box, centres / hc, 1e-9)
         with np.errstate(divide="ignore", invalid="ignore"):
             self.detail = np.where(mean >= params.min_luminance, lum_c / mean - 1.0, np.nan)
-        d = self.detail[np.isfinite(self.detail)]
-        self.detail_std = float(1.4826 * np.median(np.abs(d - np.median(d)))) if d.size else 0.0
+        self.detail_std = robust_std(self.detail)
 
     @property
     def n_cells(self) -> int:

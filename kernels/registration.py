@@ -27,7 +27,7 @@ from kernels.meshing import mesh_quality
 from kernels.nicp import (
     NicpParams, NicpStep, PreparedTemplate, ScanSurface, _check_scan, _key, nicp, prepare_template, vertex_normals,
 )
-from kernels.photometric import ScanTexture, PhotometricParams, texture_flow
+from kernels.photometric import PhotometricParams, ScanTexture, robust_std, texture_flow
 from kernels.similarity import (
     Similarity, SimilarityParams, apply_similarity, fit_similarity, landmark_outliers, polish_rigid,
     refit_similarity, umeyama,
@@ -362,12 +362,6 @@ def _prior_weights(T: Template, sp: StartParams, start, L, used) -> np.ndarray:
     return mu
 
 
-def _robust_std(x: np.ndarray) -> float:
-    """1.4826 x the median absolute deviation of the finite values (0 without any)."""
-    x = x[np.isfinite(x)]
-    return float(1.4826 * np.median(np.abs(x - np.median(x)))) if x.size else 0.0
-
-
 def register(template, scan_vertices, scan_faces, scan_landmarks,
              params: RegistrationParams = RegistrationParams(), rng=0, start_vertices=None,
              start_params: StartParams | None = None, scan_texture: ScanTexture | None = None,
@@ -552,7 +546,7 @@ def register(template, scan_vertices, scan_faces, scan_landmarks,
     t1 = time.perf_counter()
     tex_rounds, tex_matched, tex_flow = 0, float("nan"), float("nan")
     if tp.enabled and tp.rounds > 0 and scan_texture is not None and ref_detail is not None \
-            and scan_texture.detail_std >= tp.min_detail_std and _robust_std(ref_detail) >= tp.min_detail_std:
+            and scan_texture.detail_std >= tp.min_detail_std and robust_std(ref_detail) >= tp.min_detail_std:
         step = NicpStep(tp.stiffness, tp.landmark_weight, tp.iterations, len(prepared.levels) - 1,
                         tp.max_distance_mm)
         rp = replace(params.nicp, schedule=(step,))
