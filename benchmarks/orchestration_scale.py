@@ -88,16 +88,12 @@ class Sampler(threading.Thread):
 
 
 def synth(work: Path, subjects: int, width: int, height: int) -> Path:
-    from flows.synthesize import synthesize
+    from benchmarks._raw import synthetic_raw
     from pixelface.config import load_config
 
-    raw = work / f"raw-{subjects}x1-{width}x{height}"
-    if not (raw / "raw-format.json").exists() or len([p for p in raw.iterdir() if p.is_dir()]) != subjects:
-        shutil.rmtree(raw, ignore_errors=True)
-        shutil.rmtree(raw.parent / (raw.name + "-gt"), ignore_errors=True)
-        cfg = load_config(overrides={"synth": {"subjects": subjects, "expressions": 1, "mesh_vertices": 20000,
-                                               "rig": {"width": width, "height": height}}})
-        synthesize(cfg.synth, raw, raw.parent / (raw.name + "-gt"))
+    cfg = load_config(overrides={"synth": {"subjects": subjects, "expressions": 1, "mesh_vertices": 20000,
+                                           "rig": {"width": width, "height": height}}})
+    raw = synthetic_raw(work, f"raw-{subjects}x1-{width}x{height}", cfg.synth)
     return raw
 
 

@@ -62,17 +62,13 @@ def _warm_worker() -> None:
 
 
 def synth(work: Path, size: str, subjects: int, samples: int) -> Path:
-    from flows.synthesize import synthesize
+    from benchmarks._raw import synthetic_raw
     from pixelface.config import load_config
 
     over = {"synth": {"subjects": subjects, "expressions": samples}}
     if size == "small":
         over["synth"].update({"mesh_vertices": 20000, "rig": {"width": 320, "height": 256}})
-    raw = work / f"raw-{size}-{subjects}x{samples}"
-    if not (raw / "raw-format.json").exists() or len([p for p in raw.iterdir() if p.is_dir()]) < subjects:
-        shutil.rmtree(raw, ignore_errors=True)
-        synthesize(load_config(overrides=over).synth, raw, raw.parent / (raw.name + "-gt"))
-    return raw
+    return synthetic_raw(work, f"raw-{size}-{subjects}x{samples}", load_config(overrides=over).synth)
 
 
 def timed_build(cfg, worker_pids, api_pid):

@@ -9,7 +9,7 @@ Usage::
 **Data** (not timed): one subject, one expression (``neutral``) of the project's simulator
 (:func:`flows.synthesize.synthesize` with ``load_config(overrides=...)``, seed ``--seed``),
 written to a temporary folder (or ``--work DIR``, where an existing raw sample of the same
-size and seed is reused). ``full`` is the default configuration: 3 camera groups at
+size, seed and simulator code is reused: :func:`benchmarks._raw.synthetic_raw`). ``full`` is the default configuration: 3 camera groups at
 1280x1024, a 150k-vertex ground-truth face, the CVT surface at its default 100k vertices and
 the default 25k-vertex template. ``small``: 320x256 views, a 20k-vertex ground-truth face,
 a 20k-vertex surface and a 3k-vertex template.
@@ -136,17 +136,13 @@ def _pin_one_core() -> int:
 # -- data (parent, not timed) ---------------------------------------------------------------------
 
 def make_raw(work: Path, size: str, seed: int) -> tuple[Path, float]:
-    """The raw root of one synthetic sample (reused when already there); returns (root, seconds spent)."""
-    from flows.synthesize import synthesize
+    """The raw root of one synthetic sample (reused while the configuration and the simulator's
+    code are the same, :func:`benchmarks._raw.synthetic_raw`); returns (root, seconds spent)."""
+    from benchmarks._raw import synthetic_raw
     from pixelface.config import load_config
 
-    raw = work / f"raw-{size}-seed{seed}"
-    if (raw / SUBJECT / SAMPLE / "sample.json").exists():
-        return raw, 0.0
-    shutil.rmtree(raw, ignore_errors=True)
-    shutil.rmtree(work / (raw.name + "-gt"), ignore_errors=True)
     t0 = time.perf_counter()
-    synthesize(load_config(overrides=overrides(size, seed)).synth, raw, work / (raw.name + "-gt"))
+    raw = synthetic_raw(work, f"raw-{size}-seed{seed}", load_config(overrides=overrides(size, seed)).synth)
     return raw, time.perf_counter() - t0
 
 
