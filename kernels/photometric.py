@@ -30,6 +30,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from kernels._checks import as_array, check_int, check_number
+from kernels.nicp import vertex_normals
 
 try:  # fused loop (optional; the numpy path below is the reference)
     from kernels import _fast_photometric as _fast
@@ -461,8 +462,6 @@ def texture_flow(vertices, faces, reference, texture: ScanTexture, params: Photo
         Bad shapes, non-finite vertices, face indices out of range, a zero ``up``,
         ``texture`` not a ScanTexture.
     """
-    from kernels.nicp import vertex_normals
-
     V = as_array(vertices, "vertices", (None, 3), finite=True)
     n = V.shape[0]
     F = as_array(faces, "faces", (None, 3), dtype=np.int64)
