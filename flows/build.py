@@ -384,7 +384,9 @@ def _build_subject(subject: str, options: BuildOptions, unit: str | None):
     return summary
 
 
-DASK_CONFIG = {"distributed.admin.low-level-log-length": 50, "distributed.worker.profile.enabled": False}
+DASK_CONFIG = {"distributed.admin.low-level-log-length": 50, "distributed.worker.profile.enabled": False,
+               "distributed.admin.tick.interval": "500ms", "distributed.admin.system-monitor.interval": "2s",
+               "distributed.worker.memory.monitor-interval": "500ms"}
 """Dask settings of a build.
 
 Dask's statistical profiler samples every worker thread's stack every 10 ms for the
@@ -392,14 +394,24 @@ dashboard's profile page: ~2 s of CPU per worker in a 75 s build (the workers' e
 threads, ``benchmarks/pipeline.py``), taken from the kernels on a busy machine. Off here;
 ``py-spy`` does the same from outside when needed.
 
+Dask's timers wake every process many times a second whether or not work runs: the event-loop
+health tick every 20 ms, the system monitor (psutil) every 0.5 s, the worker's memory monitor
+every 0.1 s. An idle 2-worker LocalCluster took 0.47 s of worker CPU and 0.49 s of driver CPU
+(scheduler and nannies) per 15 s; with a 0.5 s tick, a 2 s system monitor and a 0.5 s memory
+monitor, 0.10 s and 0.15 s. The price: the dashboard's system plots update every 2 s, an
+event loop blocked for less than 0.5 s goes unnoticed (Dask warns only above 3 s anyway), and a
+worker over its memory limit is paused or restarted up to 0.5 s later.
+
 Every Dask comm keeps its last ``low-level-log-length`` messages
 (default 1000) for debugging, and a ``compute-task`` message carries the pickled Prefect task with
 its whole run context (tens of kB): the LocalCluster's scheduler, which runs in the driver, grew
 by ~0.3 MB per subject until those logs filled (``benchmarks/orchestration_scale.py``). Also
-the scheduler's transition and event logs and the workers' logs. Set for the driver (scheduler
-and clients) and handed to LocalCluster workers; an external scheduler and its workers take them
-from ``DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH=50`` and
-``DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False``."""
+the scheduler's transition and event logs and the workers' logs. Set for the driver (scheduler,
+nannies and clients) and handed to LocalCluster workers; an external scheduler and its workers
+take them from the environment: ``DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH=50``,
+``DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False``, ``DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=500ms``,
+``DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL=2s`` and
+``DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL=500ms``."""
 
 
 @contextmanager
