@@ -126,15 +126,35 @@ class WriteResult:
     created: bool
 
 
+DIGEST_ALGORITHM = "xxh3_128"
+"""Content digests in manifests are ``"xxh3_128:<32 hex>"``. XXH3 is not cryptographic: the
+digest detects corruption and tells identical arrays apart, it does not authenticate. It hashes
+~15 GB/s against blake2b's ~0.8 GB/s, which cost 0.3 s of CPU per full-size sample (~250 MB of
+arrays). Manifests written before carry a bare 40-hex blake2b digest (:func:`digest_matches`)."""
+
+
 def array_digest(a: np.ndarray) -> str:
-    """Hash of dtype, shape and C-ordered bytes (NaN payloads included)."""
+    """Digest ``"xxh3_128:<hex>"`` of an array's dtype, shape and C-ordered bytes (NaN payloads included)."""
+    import xxhash
+
+    a = a if a.flags.c_contiguous else a.copy(order="C")
+    h = xxhash.xxh3_128()
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a).cast("B") if a.size else b"")
+    return f"{DIGEST_ALGORITHM}:{h.hexdigest()}"
+
+
+def digest_matches(a: np.ndarray, digest: str) -> bool:
+    """Whether ``a`` has this manifest digest: ``"xxh3_128:<hex>"``, or a bare blake2b hex digest (older manifests)."""
+    if digest.startswith(f"{DIGEST_ALGORITHM}:"):
+        return array_digest(a) == digest
     import hashlib
 
     a = a if a.flags.c_contiguous else a.copy(order="C")
     h = hashlib.blake2b(digest_size=KEY_BYTES)
     h.update(f"{a.dtype.str}{a.shape}".encode())
     h.update(memoryview(a).cast("B") if a.size else b"")
-    return h.hexdigest()
+    return h.hexdigest() == digest
 
 
 def _prepare(ref: ArtifactRef, arrays: Mapping[str, Any], attrs: Mapping[str, Any] | None
@@ -573,4 +593,4 @@ class ZarrArtifactStore(ArtifactStore):
 
 __all__ = ["ArtifactStore", "ZarrArtifactStore", "MemoryArtifactStore", "Manifest", "ArraySpec", "WriteResult",
            "ArtifactError", "ArtifactNotFoundError", "ArtifactConflictError", "chunk_shape", "array_digest",
-           "SAMPLE_SCOPE"]
+           "digest_matches", "SAMPLE_SCOPE"]

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 
 from storage.artifacts import (ArtifactConflictError, ArtifactNotFoundError, MemoryArtifactStore,
-                               ZarrArtifactStore, chunk_shape)
+                               ZarrArtifactStore, array_digest, chunk_shape, digest_matches)
 from storage.catalog import CatalogError, MemoryCatalog, ParquetCatalog
 from storage.keys import ArtifactRef, artifact_key, canonical_json, hash_bytes, params_hash, raw_view_key
 from storage.store import StoreFormatError, open_store
@@ -97,6 +97,24 @@ def test_chunks_are_whole_rows_of_about_2mib():
     assert chunk_shape((10, 4), 8) == (10, 4)
     assert chunk_shape((0, 3), 4) == (1, 3)
     assert chunk_shape((), 4) == ()
+
+
+def test_array_digest_names_its_algorithm_and_sees_dtype_shape_and_every_byte():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    d = array_digest(a)
+    assert d.startswith("xxh3_128:") and len(d) == len("xxh3_128:") + 32
+    assert array_digest(a.copy()) == d and array_digest(np.asfortranarray(a)) == d   # C-ordered bytes
+    b = a.copy()
+    b.view(np.uint32)[2, 3] ^= 1                                                    # one bit of one value
+    others = {array_digest(b), array_digest(a.reshape(4, 3)), array_digest(a.astype(np.int32).view(np.float32)),
+              array_digest(a.view(np.int32)), array_digest(np.zeros((0, 4), np.float32))}
+    assert d not in others and len(others) == 5
+    assert digest_matches(a, d) and not digest_matches(b, d)
+    # a manifest written before the switch holds a bare blake2b digest (20 bytes, 40 hex)
+    import hashlib
+
+    legacy = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode() + a.tobytes(), digest_size=20).hexdigest()
+    assert digest_matches(a, legacy) and not digest_matches(b, legacy)
 
 
 # ------------------------------------------------------------------------------ artifacts
