@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from kernels.camera import Camera
+from storage import png
 from storage._publish import publish_dir
 from storage.ids import UnsafeIdError, check_id, safe_join
 
@@ -274,8 +275,8 @@ def write_sample(root: Path, meta: SampleMeta, views: dict[str, RawView], *, ove
 
 # -- reader -------------------------------------------------------------------------------------
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_COLOUR_TYPES = {0: "grey", 2: "RGB", 3: "palette", 4: "grey+alpha", 6: "RGBA"}
+_PNG_EXTRA_BYTES = 1 << 20
+"""Room for a PNG's chunks other than image data (text, profiles) when bounding a file's size."""
 _MODE_COLOUR_TYPE = {"L": 0, "RGB": 2}
 
 
@@ -534,47 +535,68 @@ class RawDataset:
             raise RawFormatError("projector must have zero distortion (image model v1)", file=path, **where)
         return ViewCalibration(view, cams["ir"], cams["projector"], cams["rgb"])
 
-    def _png_header(self, path: Path, **where) -> tuple[int, int, int, int]:
-        """(width, height, bit depth, colour type) from the IHDR chunk, without decoding anything."""
+    def _image(self, path: Path, shape: tuple[int, int], mode: str, out: np.ndarray | None = None,
+               **where) -> np.ndarray:
+        """Read, check and decode one 8-bit PNG (:mod:`storage.png`; Pillow only for interlaced files).
+
+        Its header is checked (size, mode, the pixel limit: a decompression bomb is refused
+        before anything is inflated) and its file size bounded before the file is read whole.
+        """
+        size = self._regular(path, **where)
         try:
             with open(path, "rb") as f:
                 head = f.read(33)
+                hdr = png.read_header(head)
+                w, h, depth, ctype = hdr.width, hdr.height, hdr.bit_depth, hdr.colour_type
+                if w * h > self.max_pixels:
+                    raise RawFormatError(f"image header claims {w}x{h} pixels, more than the {self.max_pixels} "
+                                         f"allowed (expected {shape[1]}x{shape[0]}; refused before decoding)",
+                                         file=path, **where)
+                if (h, w) != shape:
+                    raise RawFormatError(f"image is {w}x{h}, expected {shape[1]}x{shape[0]}", file=path, **where)
+                if (depth, ctype) != (8, _MODE_COLOUR_TYPE[mode]):
+                    raise RawFormatError(
+                        f"image mode: {depth}-bit {png.COLOUR_TYPES.get(ctype, f'colour type {ctype}')}, expected "
+                        f"8-bit {png.COLOUR_TYPES[_MODE_COLOUR_TYPE[mode]]} (mode {mode!r})", file=path, **where)
+                limit = h * (1 + w * (3 if mode == "RGB" else 1)) * 101 // 100 + _PNG_EXTRA_BYTES
+                if size > limit:
+                    raise RawFormatError(f"file is {size} bytes, more than a {w}x{h} {mode} PNG can need "
+                                         f"({limit})", file=path, **where)
+                data = head + f.read(limit + 1 - len(head))
+        except png.PNGError as exc:
+            raise RawFormatError(f"not a readable image ({exc})", file=path, **where) from None
+        except FileNotFoundError:
+            raise RawFormatError("missing file", file=path, **where) from None
         except OSError as exc:
             raise RawFormatError(f"unreadable ({exc.strerror or exc})", file=path, **where) from None
-        if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR" \
-                or struct.unpack(">I", head[8:12])[0] != 13:
-            what = "empty file" if not head else "no PNG signature and IHDR header"
-            raise RawFormatError(f"not a readable image (not a PNG file: {what})", file=path, **where)
-        w, h, depth, ctype = struct.unpack(">IIBB", head[16:26])
-        return w, h, depth, ctype
-
-    def _image(self, path: Path, shape: tuple[int, int], mode: str, **where) -> np.ndarray:
-        self._regular(path, **where)
-        w, h, depth, ctype = self._png_header(path, **where)
-        if w * h > self.max_pixels:
-            raise RawFormatError(f"image header claims {w}x{h} pixels, more than the {self.max_pixels} allowed "
-                                 f"(expected {shape[1]}x{shape[0]}; refused before decoding)", file=path, **where)
-        if (h, w) != shape:
-            raise RawFormatError(f"image is {w}x{h}, expected {shape[1]}x{shape[0]}", file=path, **where)
-        if (depth, ctype) != (8, _MODE_COLOUR_TYPE[mode]):
-            raise RawFormatError(f"image mode: {depth}-bit {_PNG_COLOUR_TYPES.get(ctype, f'colour type {ctype}')}, "
-                                 f"expected 8-bit {_PNG_COLOUR_TYPES[_MODE_COLOUR_TYPE[mode]]} (mode {mode!r})",
-                                 file=path, **where)
+        if len(data) > limit:
+            raise RawFormatError(f"file grew past {limit} bytes while being read", file=path, **where)
+        if hdr.interlace:
+            return self._image_pillow(io.BytesIO(data), path, shape, mode, out, **where)
         try:
-            with Image.open(path, formats=["PNG"]) as im:
-                if im.size != (w, h) or im.mode != mode:
+            return png.decode(data, out)
+        except png.PNGError as exc:
+            raise RawFormatError(f"not a readable image ({exc})", file=path, **where) from None
+
+    @staticmethod
+    def _image_pillow(data: io.BytesIO, path: Path, shape: tuple[int, int], mode: str, out: np.ndarray | None,
+                      **where) -> np.ndarray:
+        try:
+            with Image.open(data, formats=["PNG"]) as im:
+                if im.size != (shape[1], shape[0]) or im.mode != mode:
                     raise RawFormatError(f"image is {im.size[0]}x{im.size[1]} mode {im.mode!r}, expected "
                                          f"{shape[1]}x{shape[0]} mode {mode!r}", file=path, **where)
                 arr = np.asarray(im)
         except RawFormatError:
             raise
-        except FileNotFoundError:
-            raise RawFormatError("missing file", file=path, **where) from None
         except Exception as exc:  # PIL raises many types for corrupt files
             raise RawFormatError(f"not a readable image ({type(exc).__name__}: {exc})", file=path, **where) from None
         if arr.dtype != np.uint8 or arr.shape[:2] != shape:
             raise RawFormatError(f"image decoded as {arr.dtype} {arr.shape}, expected uint8 {shape}", file=path,
                                  **where)
+        if out is not None:
+            out[...] = arr
+            return out
         return arr
 
     def landmarks(self, subject: str, sample: str, view: str, width: int, height: int
@@ -646,7 +668,7 @@ class RawDataset:
         files: dict[str, Path] = {}
         for k, name in enumerate(names):
             p = self._dir(subject, sample, view, name, **where)
-            fringe[k // N, k % N] = self._image(p, (meta.height, meta.width), "L", **where)
+            self._image(p, (meta.height, meta.width), "L", out=fringe[k // N, k % N], **where)
             files[name] = p
         rgb_path = self._dir(subject, sample, view, "rgb.png", **where)
         rgb = self._image(rgb_path, (calib.rgb.height, calib.rgb.width), "RGB", **where)
