@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import uuid
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ class Store:
         return None if self.url is None else f"{self.url}/{PREFECT_RESULTS_DIR}"
 
 
+_MARKER_FILE = re.compile(r"store-format\.json(\.[0-9a-f-]+\.tmp)?")
+"""The store's marker and the temporary file it is written through (see :func:`open_store`)."""
+
+
 def open_store(url: str | os.PathLike, *, create: bool = True, read_only: bool = False) -> Store:
     """Open (and by default create) the store at a local path or fsspec URL.
 
@@ -89,10 +94,14 @@ def open_store(url: str | os.PathLike, *, create: bool = True, read_only: bool =
     elif not create or read_only:
         raise FileNotFoundError(f"no pixelface store at {s} (missing store-format.json)")
     else:
-        if fs.exists(root) and fs.ls(root) and not fs.exists(f"{root}/arrays"):
+        # another build may be creating the same store right now: its marker (or the marker's
+        # temporary file) is not something else's content
+        others = [e for e in (fs.ls(root, detail=False) if fs.exists(root) else [])
+                  if not _MARKER_FILE.fullmatch(os.path.basename(str(e).rstrip("/")))]
+        if others and not fs.exists(f"{root}/arrays") and not fs.exists(marker):
             raise StoreFormatError(f"{s}: folder exists, is not empty and is not a pixelface store")
         fs.makedirs(root, exist_ok=True)
-        tmp = f"{marker}.{os.getpid()}.tmp"
+        tmp = f"{marker}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
         with fs.open(tmp, "w") as f:
             json.dump({"format": STORE_FORMAT, "version": STORE_VERSION}, f)
         fs.mv(tmp, marker)

@@ -117,6 +117,33 @@ def test_array_digest_names_its_algorithm_and_sees_dtype_shape_and_every_byte():
     assert digest_matches(a, legacy) and not digest_matches(b, legacy)
 
 
+def test_direct_chunk_writes_equal_zarrs(tmp_path, monkeypatch):
+    """The store's own chunk writer gives the files Zarr's writer gives, for every dtype and edge case."""
+    import storage.artifacts as sa
+
+    rng = np.random.default_rng(5)
+    arrays = {"grid": rng.normal(size=(600, 700, 3)).astype(np.float32),        # 3 row chunks, the last partial
+              "flags": (rng.random((300, 700)) < 0.1).astype(np.uint8),
+              "mask": rng.random((1001,)) < 0.5, "ids": rng.integers(-5, 10**12, (777, 2)),
+              "faces": rng.integers(0, 10**6, (200_000, 3)).astype(np.int32), "small": np.eye(4),
+              "halves": rng.normal(size=(9, 5)).astype(np.float16), "empty": np.zeros((0, 3), np.float32)}
+
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name != "pixelface.json"}
+
+    r = ref()
+    ZarrArtifactStore(tmp_path / "direct").write(r, arrays)
+    monkeypatch.setattr(sa, "_direct_chunks_ok", lambda a, chunks: False)
+    ZarrArtifactStore(tmp_path / "zarr").write(r, arrays)
+    a, b = files(tmp_path / "direct" / r.path()), files(tmp_path / "zarr" / r.path())
+    assert sorted(a) == sorted(b) and len([k for k in a if "/c/" in k]) >= 10 and "grid/c/2/0/0" in a
+    assert a == b
+    back = ZarrArtifactStore(tmp_path / "direct").read(r)
+    for name, x in arrays.items():
+        assert back[name].dtype == x.dtype and np.array_equal(back[name], x), name
+
+
 # ------------------------------------------------------------------------------ artifacts
 
 class ArtifactStoreContract:
@@ -406,3 +433,25 @@ def test_open_store_marker(tmp_path):
     (tmp_path / "other" / "x.txt").write_text("x")
     with pytest.raises(StoreFormatError):
         open_store(tmp_path / "other")
+
+
+def test_builds_creating_one_store_at_once_all_open_it(tmp_path):
+    """Another creator's marker, or the temporary file it is written through, is not foreign content."""
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "store-format.json.4242-0af3.tmp").write_text("{")
+    assert open_store(tmp_path / "half").url.endswith("half")
+    errors = []
+
+    def create():
+        try:
+            open_store(tmp_path / "raced")
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(p.name for p in (tmp_path / "raced").iterdir()) == [".staging", "store-format.json"]
