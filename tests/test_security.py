@@ -266,22 +266,33 @@ def test_read_only_store_stops_the_build_before_any_work(tmp_path):
 
 @pytest.fixture
 def disk_fills_after(monkeypatch):
-    """``fill(n)``: Zarr's file writes succeed ``n`` more times, then write half their bytes and raise ENOSPC."""
+    """``fill(n)``: the store's file writes (Zarr's metadata and the store's own chunk writes) succeed ``n``
+    more times, then write half their bytes and raise ENOSPC."""
     import zarr.storage._local as zlocal
 
-    real = zlocal._put
+    import storage.artifacts as sa
+
+    real_put, real_write = zlocal._put, sa._write_file
     budget = {"n": None}
 
-    def put(path, value, exclusive=False):
+    def full(path, data: bytes) -> None:
         if budget["n"] is not None:
             if budget["n"] <= 0:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.with_suffix(".partial").write_bytes(bytes(value.as_buffer_like())[: len(value) // 2])
+                path.with_suffix(".partial").write_bytes(data[: len(data) // 2])
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             budget["n"] -= 1
-        return real(path, value, exclusive)
+
+    def put(path, value, exclusive=False):
+        full(path, bytes(value.as_buffer_like()))
+        return real_put(path, value, exclusive)
+
+    def write_file(path, data):
+        full(path, bytes(data))
+        return real_write(path, data)
 
     monkeypatch.setattr(zlocal, "_put", put)
+    monkeypatch.setattr(sa, "_write_file", write_file)
     return lambda n: budget.__setitem__("n", n)
 
 
