@@ -209,6 +209,53 @@ def _angle_deg(R: np.ndarray) -> float:
     return float(np.degrees(np.arctan2(s, 0.5 * (np.trace(R) - 1.0))))
 
 
+def grid_view(points: np.ndarray, confidence: np.ndarray, flags: np.ndarray, colours: np.ndarray | None = None,
+              landmarks: np.ndarray | None = None) -> tuple[tuple, np.ndarray]:
+    """One view's input to :func:`fuse_views` from its decoded image grids.
+
+    Parameters
+    ----------
+    points : (H, W, 3) float
+        Decoded points in mm (NaN where not decoded).
+    confidence : (H, W) float
+        Per-pixel confidence; clipped to [0, 1].
+    flags : (H, W) integer
+        Decode flags; 0 = valid.
+    colours : (H, W, 3) float, optional
+        Colours per pixel (NaN = unknown).
+    landmarks : (106, 3) float, optional
+        Lifted landmarks in mm, NaN rows where not lifted.
+
+    Returns
+    -------
+    view : tuple
+        ``(points (n, 3) float64, confidence (n,) float64, colours (n, 3) float64 or None,
+        landmarks)``: the valid pixels (flag 0, finite point and confidence) in row-major order.
+    valid : (H, W) bool
+        Those pixels (the ``masks`` entry of :func:`fuse_views`).
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not agree.
+    """
+    points = np.asarray(points)
+    if points.ndim != 3 or points.shape[2] != 3:
+        raise ValueError(f"points: expected (H, W, 3), got {points.shape}")
+    grid = points.shape[:2]
+    confidence, flags = np.asarray(confidence), np.asarray(flags)
+    for name, a in (("confidence", confidence), ("flags", flags)):
+        if a.shape != grid:
+            raise ValueError(f"{name}: expected {grid} like points, got {a.shape}")
+    if colours is not None and np.shape(colours) != points.shape:
+        raise ValueError(f"colours: expected {points.shape} like points, got {np.shape(colours)}")
+    valid = (flags == 0) & np.isfinite(points).all(axis=-1) & np.isfinite(confidence)
+    cols = None if colours is None else np.asarray(colours)[valid].astype(np.float64)
+    view = (points[valid].astype(np.float64), np.clip(confidence[valid].astype(np.float64), 0.0, 1.0), cols,
+            landmarks)
+    return view, valid
+
+
 def fuse_views(views: dict, pivot: str = "middle", params: FusionParams = FusionParams(), *,
                viewpoints: dict | None = None, masks: dict | None = None) -> FusionResult:
     """Fuse a capture's views into one point cloud with outward normals and 106 landmarks.

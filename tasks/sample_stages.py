@@ -52,7 +52,7 @@ import functools
 
 import numpy as np
 
-from kernels.fusion import FusionParams, fuse_views
+from kernels.fusion import FusionParams, fuse_views, grid_view
 from kernels.landmarks import LandmarkStatus
 from kernels.meshing import MeshingParams, mesh_point_cloud
 from kernels.nicp import PreparedTemplate, prepare_template
@@ -70,22 +70,21 @@ MIN_COLOURED_POINTS = 1000  # fewer coloured fused points: no scan texture (no p
 
 def _fusion_load(src: Sources, params):
     names = tuple(src.raw.target.unit_views)
-    views, masks, vps = {}, {}, {}
+    grids, vps = {}, {}
     for v in names:
         d = src.arrays(f"decode/{v}", ["points", "confidence", "flags"])
-        P, C = d["points"], d["confidence"]
-        valid = (d["flags"] == 0) & np.isfinite(P).all(axis=-1) & np.isfinite(C)
-        col = src.arrays(f"texture/{v}", ["colors"])["colors"]
         lm = src.arrays(f"landmarks/{v}", ["points", "status"])
         L = np.where((lm["status"] == LandmarkStatus.OK)[:, None], lm["points"], np.nan).astype(np.float64)
-        views[v] = (P[valid].astype(np.float64), np.clip(C[valid].astype(np.float64), 0.0, 1.0),
-                    col[valid].astype(np.float64), L)
-        masks[v] = valid
+        grids[v] = dict(points=d["points"], confidence=d["confidence"], flags=d["flags"],
+                        colours=src.arrays(f"texture/{v}", ["colors"])["colors"], landmarks=L)
         vps[v] = np.asarray(src.raw.calibration(v).ir.center, dtype=np.float64)
-    return dict(views=views, masks=masks, viewpoints=vps, names=names)
+    return dict(grids=grids, viewpoints=vps, names=names)
 
 
-def _fusion_kernel(params: FusionParams | None, views, masks, viewpoints, names):
+def _fusion_kernel(params: FusionParams | None, grids, viewpoints, names):
+    views, masks = {}, {}
+    for v, g in grids.items():
+        views[v], masks[v] = grid_view(**g)
     pivot = PIVOT if PIVOT in views else names[len(names) // 2]
     r = fuse_views(views, pivot, params if params is not None else FusionParams(), viewpoints=viewpoints,
                    masks=masks)

@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 from kernels.align import FALLBACK, CoarseParams, align_landmarks, kabsch
 from kernels.decode import decode_view
 from kernels.depth import depth_image
-from kernels.fusion import FusionParams, fuse_views
+from kernels.fusion import FusionParams, fuse_views, grid_view
 from kernels.icp import IcpParams, prepare_target, refine_icp
 from kernels.landmarks import lift_landmarks
 from kernels.merge import MergeParams, merge_views, organised_normals, voxel_average
@@ -474,3 +474,26 @@ def test_voxel_average_weighted_means():
     np.testing.assert_allclose(C, [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # NaN rows ignored
     with pytest.raises(ValueError, match="voxel_mm"):
         voxel_average(pts, w, 0.0)
+
+
+def test_grid_view_keeps_flag_zero_finite_pixels_in_row_major_order():
+    rng = np.random.default_rng(3)
+    P = rng.normal(size=(4, 5, 3)).astype(np.float32)
+    C = rng.uniform(-0.2, 1.2, (4, 5)).astype(np.float32)
+    F = np.zeros((4, 5), np.uint8)
+    F[0, 1] = 2
+    P[1, 2, 0] = np.nan
+    C[3, 4] = np.inf
+    col = rng.random((4, 5, 3)).astype(np.float32)
+    L = np.full((106, 3), np.nan)
+    (pts, conf, cols, lm), valid = grid_view(P, C, F, col, L)
+    expect = np.ones((4, 5), bool)
+    expect[0, 1] = expect[1, 2] = expect[3, 4] = False
+    assert np.array_equal(valid, expect) and pts.dtype == np.float64 and lm is L
+    assert np.array_equal(pts, P[expect].astype(np.float64)) and np.array_equal(cols, col[expect].astype(np.float64))
+    assert conf.min() >= 0 and conf.max() <= 1 and np.allclose(conf, np.clip(C[expect], 0, 1))
+    assert grid_view(P, C, F)[0][2] is None
+    with pytest.raises(ValueError, match=r"flags: expected \(4, 5\)"):
+        grid_view(P, C, F[:3])
+    with pytest.raises(ValueError, match="colours"):
+        grid_view(P, C, F, col[:, :4])
