@@ -84,11 +84,9 @@ def decode(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
     shape = (hdr.height, hdr.width) if c == 1 else (hdr.height, hdr.width, 3)
     if out is None:
         out = np.empty(shape, np.uint8)
-    elif out.shape != shape or out.dtype != np.uint8:
-        raise ValueError(f"out: expected uint8 {shape}, got {out.dtype} {out.shape}")
-    flat = out.reshape(hdr.height, stride)   # a view when out is contiguous, checked below
-    if not np.shares_memory(flat, out):
-        raise ValueError("out must be C-contiguous")
+    elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a C-contiguous uint8 {shape} array, got {out.dtype} {out.shape}")
+    flat = out.reshape(hdr.height, stride)   # a view (out is C-contiguous)
     filters = rows[:, 0]
     if not filters.any():
         flat[...] = rows[:, 1:]

@@ -91,6 +91,9 @@ def test_pillow_and_simulator_files_decode_identically_in_place():
         out = np.zeros_like(img)
         assert png.decode(_png_bytes(img, 1), out) is out
         np.testing.assert_array_equal(out, img)
+        strided = np.zeros((img.shape[1], img.shape[0]) + img.shape[2:], np.uint8).swapaxes(0, 1)
+        with pytest.raises(ValueError, match="C-contiguous"):
+            png.decode(_png_bytes(img, 1), strided)
 
 
 @pytest.mark.parametrize("damage, needle", [
