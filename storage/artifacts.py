@@ -134,15 +134,19 @@ digest detects corruption and tells identical arrays apart, it does not authenti
 arrays). Manifests written before carry a bare 40-hex blake2b digest (:func:`digest_matches`)."""
 
 
+def _hexdigest(h, a: np.ndarray) -> str:
+    """Feed ``h`` (a hashlib-like object) the array's dtype, shape and C-ordered bytes; its hex digest."""
+    a = a if a.flags.c_contiguous else a.copy(order="C")
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a).cast("B") if a.size else b"")
+    return h.hexdigest()
+
+
 def array_digest(a: np.ndarray) -> str:
     """Digest ``"xxh3_128:<hex>"`` of an array's dtype, shape and C-ordered bytes (NaN payloads included)."""
     import xxhash
 
-    a = a if a.flags.c_contiguous else a.copy(order="C")
-    h = xxhash.xxh3_128()
-    h.update(f"{a.dtype.str}{a.shape}".encode())
-    h.update(memoryview(a).cast("B") if a.size else b"")
-    return f"{DIGEST_ALGORITHM}:{h.hexdigest()}"
+    return f"{DIGEST_ALGORITHM}:{_hexdigest(xxhash.xxh3_128(), a)}"
 
 
 def digest_matches(a: np.ndarray, digest: str) -> bool:
@@ -151,11 +155,7 @@ def digest_matches(a: np.ndarray, digest: str) -> bool:
         return array_digest(a) == digest
     import hashlib
 
-    a = a if a.flags.c_contiguous else a.copy(order="C")
-    h = hashlib.blake2b(digest_size=KEY_BYTES)
-    h.update(f"{a.dtype.str}{a.shape}".encode())
-    h.update(memoryview(a).cast("B") if a.size else b"")
-    return h.hexdigest() == digest
+    return _hexdigest(hashlib.blake2b(digest_size=KEY_BYTES), a) == digest
 
 
 def _prepare(ref: ArtifactRef, arrays: Mapping[str, Any], attrs: Mapping[str, Any] | None
